@@ -1,0 +1,1 @@
+"""tlengine's built-in plugins, registered as entry points of the tlengine distribution."""

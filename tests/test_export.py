@@ -1,0 +1,45 @@
+"""ONNX export: metadata, dynamic batch, checker, parity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def test_metadata_and_dynamic_batch(tiny_run: Path) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(tiny_run / "best.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    props = {p.key: p.value for p in proto.metadata_props}
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert json.loads(props["labels"]) == summary["config"]["classes"]
+    assert props["task"] == "classification"
+    preprocess = json.loads(props["preprocess"])
+    assert preprocess["input_size"] == 32 and preprocess["channel_order"] == "RGB"
+    assert {"resize", "interpolation", "mean", "std"} <= set(preprocess)
+    assert props["backbone"] == "timm:test_efficientnet"
+    assert json.loads(props["params"]) == summary["best"]["params"]
+    assert float(props["parity_max_abs_diff"]) < 1e-4
+    session = ort.InferenceSession(str(tiny_run / "best.onnx"))
+    for batch in (1, 5):
+        out = session.run(None, {"image": np.zeros((batch, 3, 32, 32), np.float32)})[0]
+        assert out.shape == (batch, 3)
+        assert np.allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_parity_gate_fails_clearly(tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    from tlengine import UserError
+    from tlengine._export import export_onnx
+    from tlengine._model import build_model, inference_model
+
+    model = build_model(timm.create_model("test_efficientnet", num_classes=0), torch.nn.Linear(256, 3), "classification")
+    with pytest.raises(UserError, match="onnxruntime differs from PyTorch"):
+        export_onnx(inference_model(model), tmp_path / "m.onnx", torch.rand(4, 3, 32, 32), {"task": "classification"}, tolerance=-1.0)

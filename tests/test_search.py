@@ -1,0 +1,110 @@
+"""End-to-end ``tlengine search`` runs on tiny real data, resume, outputs, regression."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED, TINY_BACKBONE, demo_arrays, run_cli
+
+
+def test_outputs_written(tiny_run: Path) -> None:
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert (tiny_run / "best.safetensors").is_file()
+    assert (tiny_run / "best.onnx").is_file()
+    assert (tiny_run / "study.db").is_file()
+    assert summary["metric"] == "accuracy"
+    assert len(summary["trials"]) == 2
+    assert summary["best"]["number"] in {t["number"] for t in summary["trials"] if t["state"] == "COMPLETE"}
+    assert summary["parity"]["max_abs_diff"] < 1e-4
+    # the opening trials are the enqueued recipes: linear probe first, then full fine-tuning
+    stages = summary["config"]["stages"]
+    assert [t["params"]["freeze_depth"] for t in summary["trials"]] == [stages, 0]
+    assert [t["recipe"] for t in summary["trials"]] == ["linear probe", "full fine-tune"]
+
+
+def test_trials_differ_in_depth_and_lr(tmp_path: Path, tiny_folder: Path) -> None:
+    from tlengine._cli import main
+
+    args = ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "4",
+            "--epochs", "1", "--image-size", "32", "--out", str(tmp_path), "--study-name", "s", "--pruner", "none"]
+    assert main(args) == 0
+    trials = json.loads((tmp_path / "s" / "summary.json").read_text())["trials"]
+    assert len(trials) == 4
+    assert len({t["params"]["freeze_depth"] for t in trials}) >= 3
+    assert len({round(t["params"]["lr"], 12) for t in trials}) >= 3
+
+
+def test_rerun_resumes_study(tmp_path: Path, tiny_folder: Path) -> None:
+    from tlengine._cli import main
+
+    base = ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--epochs", "1",
+            "--image-size", "32", "--out", str(tmp_path), "--study-name", "r"]
+    assert main(base + ["--trials", "1"]) == 0
+    first = json.loads((tmp_path / "r" / "summary.json").read_text())["trials"]
+    assert main(base + ["--trials", "2"]) == 0
+    second = json.loads((tmp_path / "r" / "summary.json").read_text())["trials"]
+    assert len(second) == 2
+    assert second[0] == first[0]  # the finished trial is kept as it was
+    assert main(base + ["--trials", "2"]) == 0  # nothing left to run
+    assert len(json.loads((tmp_path / "r" / "summary.json").read_text())["trials"]) == 2
+
+
+def test_resume_with_other_objective_refused(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    from tlengine._cli import main
+
+    base = ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "1",
+            "--image-size", "32", "--out", str(tmp_path), "--study-name", "x"]
+    assert main(base + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --study-name x:") and "epochs" in err
+
+
+def test_regression_from_csv(tmp_path: Path) -> None:
+    """Predict each image's mean brightness: a real regression target from real images."""
+    from PIL import Image
+
+    from tlengine._cli import main
+    from tlengine._predict import load
+
+    train_x, *_ = demo_arrays()
+    rows = ["image,target"]
+    for i in range(40):
+        Image.fromarray(train_x[i]).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{train_x[i].mean() / 255:.6f}")
+    (tmp_path / "b.csv").write_text("\n".join(rows) + "\n")
+    args = ["search", "--data", str(tmp_path / "b.csv"), "--task", "regression", "--backbone", TINY_BACKBONE,
+            "--weights", "none", "--trials", "2", "--epochs", "2", "--image-size", "32", "--out", str(tmp_path / "runs"),
+            "--study-name", "reg"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "reg"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metric"] == "rmse" and summary["direction"] == "minimize"
+    model = load(run / "best.onnx")
+    assert model.task == "regression"
+    predictions = model.predict([tmp_path / "0.png", tmp_path / "1.png"])
+    assert all(p.value is not None and -10 < p.value < 10 for p in predictions)
+
+
+def test_json_output(tmp_path: Path, tiny_folder: Path) -> None:
+    result = run_cli("search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none",
+                     "--trials", "1", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["study_name"] == f"{tiny_folder.name}-test_efficientnet"
+    assert len(summary["trials"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "fashion-mnist-2k").is_dir(), reason="../shared/data/fashion-mnist-2k not present")
+def test_real_data_real_weights(tmp_path: Path) -> None:
+    """lite0 with its real ImageNet weights on the 2,000-image Fashion-MNIST cut."""
+    result = run_cli("search", "--data", str(SHARED / "fashion-mnist-2k"), "--trials", "4", "--epochs", "2",
+                     "--image-size", "64", "--out", str(tmp_path), "--study-name", "fm", "--json", timeout=1800)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["best"]["value"] > 0.75

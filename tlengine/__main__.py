@@ -1,0 +1,5 @@
+"""``python -m tlengine``."""
+
+from tlengine._cli import entry
+
+entry()

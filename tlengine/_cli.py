@@ -1,0 +1,228 @@
+"""The ``tlengine`` command line: one parser, one error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tlengine._errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage mistakes exit 2 with one ``error:`` line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tlengine`` command."""
+    parser = _Parser(prog="tlengine", description="Transfer-learning search over timm backbones, exported to ONNX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("search", help="search freeze depth and learning rate; export the best model to ONNX")
+    s.add_argument("--data", help="image folder (train/ and val/, or class folders) or CSV file; default: the bundled demo")
+    s.add_argument("--dataset", default="auto", help="dataset plugin (default: auto, chosen from --data)")
+    s.add_argument("--task", choices=["classification", "regression"], help="default: the dataset's own (classification)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data has no validation split (default: 0.2)")
+    s.add_argument("--backbone", default="timm:tf_efficientnet_lite0", help="NAME, NAME:ARCH, or a timm model name (default: timm:tf_efficientnet_lite0)")
+    s.add_argument("--weights", default="auto", help="auto, hub, none, a .pth/.safetensors file, or pkg:DISTRIBUTION (default: auto)")
+    s.add_argument("--head", default="linear", help="head plugin (default: linear)")
+    s.add_argument("--optimizer", default="adamw", help="optimizer plugin (default: adamw)")
+    s.add_argument("--trials", type=_positive_int, help="total trials in the study (default: the dataset's suggestion, else 20)")
+    s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--epochs", type=_positive_int, help="epochs per trial (default: the dataset's suggestion, else 5)")
+    s.add_argument("--image-size", type=_positive_int, help="input side in pixels (default: the dataset's suggestion, else the backbone's)")
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
+    s.add_argument("--weight-decay", type=float, default=0.01, help="default: 0.01")
+    s.add_argument("--seed", type=int, default=0, help="default: 0")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    s.add_argument("--sampler", default="tpe", help="tpe or random (default: tpe)")
+    s.add_argument("--pruner", default="median", help="median, hyperband or none (default: median)")
+    s.add_argument("--out", default="runs", help="output folder; results go to OUT/STUDY/ (default: runs)")
+    s.add_argument("--study-name", help="default: DATA-ARCH")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+    p = sub.add_parser("predict", help="predict images with an exported model (onnxruntime only, no PyTorch)")
+    p.add_argument("model", help="the .onnx file written by 'tlengine search'")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, folders or glob patterns")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels shown per image (default: 3)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
+    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: its own)")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+
+    g = sub.add_parser("plugins", help="list the installed plugins and what they register")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _version() -> str:
+    from tlengine import __version__
+
+    return __version__
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tlengine._search import SearchConfig, run_search
+    from tlengine.plugins import failures
+
+    console = Console(stderr=True)
+    config = SearchConfig(
+        data=args.data, dataset=args.dataset, task=args.task, val_fraction=args.val_fraction,
+        backbone=args.backbone, weights=args.weights, head=args.head, optimizer=args.optimizer,
+        trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
+        batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+    )
+    try:
+        result = run_search(config, console)
+    except KeyboardInterrupt:
+        console.print("\ninterrupted: finished trials are kept in the study; run the same command again to continue")
+        return 130
+    finally:
+        _warn_failures(failures)
+    if args.json:
+        print((result.run_dir / "summary.json").read_text(), end="")
+        return 0
+    _print_results(result)
+    return 0
+
+
+def _print_results(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})")
+    for column in ("trial", "recipe", "state", "freeze depth", "lr", result.metric, "epochs", "seconds"):
+        table.add_column(column, justify="right" if column not in ("recipe", "state") else "left")
+    stages = result.config.get("stages")
+    for row in result.rows:
+        best = result.best is not None and row.number == result.best.number
+        depth = row.params.get("freeze_depth")
+        table.add_row(
+            f"{'★ ' if best else ''}{row.number}",
+            row.recipe or "",
+            row.state.lower(),
+            f"{depth}/{stages}" if depth is not None else "",
+            f"{row.params['lr']:.2e}" if "lr" in row.params else "",
+            f"{row.value:.4f}" if row.value is not None else "",
+            str(row.epochs_run),
+            f"{row.duration_s:.1f}" if row.duration_s is not None else "",
+            style="bold green" if best else None,
+        )
+    out.print(table)
+    if result.best is None:
+        out.print("no trial completed, so nothing was exported")
+        return
+    out.print(f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}")
+    if result.onnx_path is not None:
+        parity = result.parity or {}
+        out.print(
+            f"wrote {result.onnx_path} (onnxruntime vs PyTorch: max abs diff {parity.get('max_abs_diff', float('nan')):.1e}, "
+            f"top-1 agreement {parity.get('top1_agreement', float('nan')):.0%})"
+        )
+        out.print(f"try it: tlengine predict {result.onnx_path} IMAGE_OR_DIR")
+    out.print(f"summary: {result.run_dir / 'summary.json'}; study: {result.storage}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tlengine._predict import expand_inputs, load
+
+    model = load(args.model, threads=args.threads)
+    paths = expand_inputs(args.inputs)
+    predictions = model.predict(paths, top_k=args.top_k, batch_size=args.batch_size)
+    for prediction in predictions:
+        if args.json:
+            print(json.dumps(prediction.to_dict()))
+        elif prediction.value is not None:
+            print(f"{prediction.source}\t{prediction.value:.6g}")
+        else:
+            print(prediction.source + "\t" + "  ".join(f"{label} {p:.3f}" for label, p in prediction.top))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tlengine.plugins import failures, get_plugins
+
+    infos = get_plugins()
+    if args.json:
+        print(json.dumps({"plugins": [asdict(i) for i in infos], "failures": [asdict(f) for f in failures]}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tlengine plugins")
+    for column in ("plugin", "package", "hooks", "registers"):
+        table.add_column(column)
+    for info in infos:
+        names = "; ".join(f"{hook.removeprefix('register_')}: {', '.join(n)}" for hook, n in info.registers.items() if n)
+        package = f"{info.package} {info.version}" if info.package else "(in code)"
+        table.add_row(info.name, package, ", ".join(info.hooks), names)
+    Console().print(table)
+    _warn_failures(failures)
+    return 0
+
+
+def _warn_failures(failures: Sequence[Any]) -> None:
+    for failure in failures:
+        print(f"warning: plugin {failure.name!r} from package {failure.package!r} failed to load and is skipped: {failure.error}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tlengine`` command; return its exit code.
+
+    The single error boundary: a :class:`UserError` prints one ``error:`` line and
+    exits 2; any other exception prints one line and exits 1; ``--debug`` re-raises.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    commands = {"search": _cmd_search, "predict": _cmd_predict, "plugins": _cmd_plugins}
+    try:
+        return commands[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

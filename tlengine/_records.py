@@ -1,0 +1,141 @@
+"""Small frozen records: what plugins register, and what datasets return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Task = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone registered through ``register_backbones``.
+
+    Attributes:
+        name: The name users pass to ``--backbone`` (``NAME`` or ``NAME:ARCH``).
+        factory: ``factory(arch, weights) -> torch.nn.Module``. ``arch`` is the part after
+            the colon (``None`` when absent); ``weights`` is ``"auto"``, ``"hub"``,
+            ``"none"``, a file path or ``"pkg:DISTRIBUTION"``. The module maps an image
+            batch to pooled features of shape ``(batch, module.num_features)``, and offers
+            timm's ``group_matcher(coarse=True)`` (its stages) and ``pretrained_cfg``
+            (mean, std, interpolation, crop_pct, input_size).
+        description: One line for ``tlengine plugins``.
+        architectures: Optional callable listing the architectures ``arch`` may name;
+            a bare ``--backbone ARCH`` resolves to the backbone that lists it.
+        default_arch: The architecture used when ``--backbone NAME`` names none.
+    """
+
+    name: str
+    factory: Callable[[str | None, str], Any]
+    description: str
+    architectures: Callable[[], Iterable[str]] | None = None
+    default_arch: str | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """A head registered through ``register_heads``.
+
+    Attributes:
+        name: The name users pass to ``--head``.
+        factory: ``factory(in_features, num_outputs, task) -> torch.nn.Module`` mapping
+            ``(batch, in_features)`` to ``(batch, num_outputs)`` logits or regression outputs.
+        description: One line for ``tlengine plugins``.
+    """
+
+    name: str
+    factory: Callable[[int, int, Task], Any]
+    description: str
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """What the user asked of a dataset.
+
+    Attributes:
+        task: ``"classification"``, ``"regression"`` or ``None`` (the dataset decides).
+        val_fraction: Fraction held out for validation when the data has no split.
+        seed: Seed for any random split.
+    """
+
+    task: Task | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        images: Image file paths, PIL images, or uint8 numpy arrays (H, W) or (H, W, C).
+        targets: Class indices (classification) or floats (regression), one per image.
+    """
+
+    images: Sequence[Any]
+    targets: Sequence[Any]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """What a dataset factory returns.
+
+    Attributes:
+        train: The training split.
+        val: The validation split.
+        task: ``"classification"`` or ``"regression"``.
+        classes: Class names, indexed by target (empty for regression).
+        name: A short name, used for the default study name.
+    """
+
+    train: Split
+    val: Split
+    task: Task
+    classes: tuple[str, ...] = ()
+    name: str = "data"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset registered through ``register_datasets``.
+
+    Attributes:
+        name: The name users pass to ``--dataset``.
+        factory: ``factory(path, options) -> ImageData``; ``path`` is ``--data`` (or ``None``).
+        description: One line for ``tlengine plugins``.
+        matches: Optional predicate on ``--data``; ``--dataset auto`` picks the first
+            dataset whose predicate accepts the path.
+        suggested: Search defaults this dataset suggests (keys ``image_size``, ``epochs``,
+            ``trials``), used where the user set none.
+    """
+
+    name: str
+    factory: Callable[[str | None, DatasetOptions], ImageData]
+    description: str
+    matches: Callable[[str | None], bool] | None = None
+    suggested: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer registered through ``register_optimizers``.
+
+    Attributes:
+        name: The name users pass to ``--optimizer``.
+        factory: ``factory(model, lr, weight_decay) -> torch.optim.Optimizer``, over the
+            model's trainable parameters.
+        description: One line for ``tlengine plugins``.
+        lr_range: The learning-rate range searched (log scale) for this optimizer.
+        default_lr: The learning rate of the opening recipes.
+    """
+
+    name: str
+    factory: Callable[[Any, float, float], Any]
+    description: str
+    lr_range: tuple[float, float] = (1e-5, 1e-2)
+    default_lr: float = 1e-3
