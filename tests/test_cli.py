@@ -33,7 +33,14 @@ def test_missing_data() -> None:
 
 
 def test_empty_data_folder(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("search", "--data", str(tmp_path)), str(tmp_path), "no class subfolders")
+    assert_one_line_error(run_cli("search", "--data", str(tmp_path)), str(tmp_path), "the folder is empty")
+
+
+def test_loose_images_without_class_folders(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    assert_one_line_error(run_cli("search", "--data", str(tmp_path)), str(tmp_path), "has no class subfolders")
 
 
 def test_empty_class_folders(tmp_path: Path) -> None:

@@ -94,3 +94,15 @@ def test_missing_inputs(tiny_run: Path, tmp_path: Path) -> None:
     result = run_cli("predict", str(tiny_run / "best.onnx"), str(tmp_path / "nothing*.png"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "no such file" in result.stderr
+
+
+def test_unreadable_image_skipped_with_warning(tiny_run: Path, tiny_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    good = next((tiny_folder / "val").rglob("*.png"))
+    shutil.copy(good, tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run_cli("predict", str(tiny_run / "best.onnx"), str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["source"] for line in result.stdout.splitlines()] == [str(tmp_path / "good.png")]
+    assert result.stderr.startswith("warning: skipped 1 unreadable image(s): " + str(tmp_path / "broken.png"))

@@ -146,7 +146,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     model = load(args.model, threads=args.threads)
     paths = expand_inputs(args.inputs)
-    predictions = model.predict(paths, top_k=args.top_k, batch_size=args.batch_size)
+    predictions = model.predict(paths, top_k=args.top_k, batch_size=args.batch_size, skip_bad=True)
+    if model.skipped:
+        first = "; ".join(f"{source} ({error})" for source, error in model.skipped[:3])
+        if not predictions:
+            raise UserError(f"none of the {len(paths)} inputs is a readable image: {first}")
+        print(f"warning: skipped {len(model.skipped)} unreadable image(s): {first}", file=sys.stderr)
     for prediction in predictions:
         if args.json:
             print(json.dumps(prediction.to_dict()))

@@ -73,24 +73,40 @@ class Model:
         self.labels: list[str] = list(self.metadata.get("labels", []))
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
 
-    def predict(self, images: Iterable[Any], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    def predict(self, images: Iterable[Any], top_k: int = 5, batch_size: int = 32, skip_bad: bool = False) -> list[Prediction]:
         """Predict a batch of images.
 
         Args:
             images: Paths, PIL images or uint8 arrays.
             top_k: How many labels to return per image (classification).
             batch_size: Images per onnxruntime call.
+            skip_bad: Leave out images that cannot be read (they are listed in
+                :attr:`skipped`) instead of raising.
+
+        Raises:
+            UserError: An image cannot be read (unless ``skip_bad``).
         """
         import numpy as np
 
         items = list(images)
         results: list[Prediction] = []
+        self.skipped: list[tuple[str, str]] = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            batch = np.stack([self.preprocess(item) for item in chunk])
-            output = self.session.run(None, {"image": batch})[0]
-            for offset, (item, row) in enumerate(zip(chunk, output)):
+            chunk, arrays = [], []
+            for offset, item in enumerate(items[start : start + batch_size]):
                 source = str(item) if isinstance(item, (str, Path)) else str(start + offset)
+                try:
+                    arrays.append(self.preprocess(item))
+                except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for broken files
+                    if not skip_bad:
+                        raise UserError(f"{source}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+                    self.skipped.append((source, f"{type(exc).__name__}: {exc}"))
+                    continue
+                chunk.append(source)
+            if not chunk:
+                continue
+            output = self.session.run(None, {"image": np.stack(arrays)})[0]
+            for source, row in zip(chunk, output):
                 if self.task == "regression":
                     results.append(Prediction(source, value=float(row.reshape(-1)[0])))
                 else:

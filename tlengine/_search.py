@@ -126,6 +126,9 @@ def resolve_dataset(registry: Registry, name: str, data: str | None) -> Dataset:
             return record
     if data is not None and not Path(data).exists():
         raise UserError(f"--data {data}: no such file or folder")
+    if data is not None and Path(data).is_dir():
+        state = "is empty" if not any(Path(data).iterdir()) else "has no class subfolders"
+        raise UserError(f"--data {data}: the folder {state}; put each class's images in a folder named after the class")
     raise UserError(f"--data {data}: no dataset plugin reads it; pass --dataset (known: {', '.join(registry.datasets)})")
 
 

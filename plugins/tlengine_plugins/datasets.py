@@ -32,7 +32,7 @@ def register_datasets(register):
             "imagefolder",
             imagefolder,
             "a folder with train/ and val/ class folders, or class folders split by --val-fraction",
-            matches=lambda path: path is not None and Path(path).is_dir(),
+            matches=_has_subfolders,
         )
     )
     register(
@@ -43,6 +43,11 @@ def register_datasets(register):
             matches=lambda path: path is not None and path.lower().endswith(".csv"),
         )
     )
+
+
+def _has_subfolders(path: str | None) -> bool:
+    """``--dataset auto`` picks imagefolder for a folder that holds folders."""
+    return path is not None and Path(path).is_dir() and any(p.is_dir() for p in Path(path).iterdir())
 
 
 def stratified_split(targets: Sequence[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:
