@@ -97,3 +97,9 @@ def test_bad_image_size(tiny_folder: Path) -> None:
 def test_weights_hub_offline_or_missing_file(tiny_folder: Path, tmp_path: Path) -> None:
     result = run_cli("search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", str(tmp_path / "w.pth"))
     assert_one_line_error(result, "--weights", "does not exist")
+
+
+def test_hub_weights_unreachable(tiny_folder: Path) -> None:
+    result = run_cli("search", "--data", str(tiny_folder), "--backbone", "resnet10t", "--weights", "hub",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, "--weights hub", "could not download pretrained weights for resnet10t", "--weights FILE")

@@ -394,7 +394,12 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 )
             except FloatingPointError as exc:
                 trial.set_user_attr("prune_reason", str(exc))
+                console.print(f"trial {trial.number}: pruned, {exc} (depth {depth}/{n_stages}, lr {lr:.1e})")
                 raise optuna.TrialPruned(str(exc)) from exc
+            except optuna.TrialPruned as exc:
+                trial.set_user_attr("prune_reason", str(exc))
+                console.print(f"trial {trial.number}: {exc} (depth {depth}/{n_stages}, lr {lr:.1e})")
+                raise
             finally:
                 progress.remove_task(task_id)
                 progress.advance(overall)
