@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
+    e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
+    e.add_argument("--study-name", required=True, help="the study")
+    e.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RUNS/STUDY/study.db)")
+    e.add_argument("--runs", default="runs", help="where the default storage lives (default: runs)")
+    e.add_argument("--trial", default="best", help="trial number, or best (default: best)")
+    e.add_argument("--out", help="the .onnx file to write (default: beside the study, trial-N[.fp16|.int8].onnx)")
+    e.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default: 18)")
+    e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="default: fp32")
+    e.add_argument("--quantize", choices=["none", "int8"], default="none", help="onnxruntime int8 quantization (default: none)")
+    e.add_argument("--calibration", choices=["static", "dynamic"], default="static",
+                   help="int8 with activations calibrated on training images (static) or at run time (dynamic); default: static")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("predict", help="predict images with an exported model (onnxruntime only, no PyTorch)")
     p.add_argument("model", help="the .onnx file written by 'tlengine search'")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, folders or glob patterns")
@@ -63,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: its own)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--csv", metavar="OUT", help="also write the predictions to this CSV file")
 
     g = sub.add_parser("plugins", help="list the installed plugins and what they register")
     g.add_argument("--json", action="store_true", help="print JSON")
@@ -141,6 +155,57 @@ def _print_results(result: Any) -> None:
     out.print(f"summary: {result.run_dir / 'summary.json'}; study: {result.storage}")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from tlengine._search import export_study_trial, load_study, pick_trial
+    from tlengine.plugins import get_registry
+
+    if args.precision == "fp16" and args.quantize == "int8":
+        raise UserError("--precision fp16 and --quantize int8 exclude each other; pick one")
+    variant = "fp16" if args.precision == "fp16" else f"int8-{args.calibration}" if args.quantize == "int8" else None
+    storage = args.storage or f"sqlite:///{(Path(args.runs) / args.study_name / 'study.db').resolve()}"
+    if not args.storage and not (Path(args.runs) / args.study_name / "study.db").is_file():
+        raise UserError(f"--study-name {args.study_name}: no study database at {Path(args.runs) / args.study_name}; pass --storage")
+    study = load_study(storage, args.study_name)
+    trial = pick_trial(study, args.trial)
+    if args.out:
+        out = Path(args.out)
+    else:
+        run_dir = Path(trial.user_attrs.get("checkpoint", "")).parent.parent
+        suffix = {"fp16": ".fp16", "int8-static": ".int8", "int8-dynamic": ".int8-dynamic"}.get(variant or "", "")
+        out = run_dir / f"trial-{trial.number}{suffix}.onnx"
+    console = Console(stderr=True)
+    with console.status(f"exporting trial {trial.number} and checking it on the validation images"):
+        report = export_study_trial(get_registry(), study, trial, out, variant=variant, opset=args.opset)
+    if args.json:
+        print(json.dumps(asdict(report), default=str, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"trial {report.trial} of {study.study_name}")
+    for column in ("model", "precision", f"val {report.metric}", "latency batch 1 (ms)"):
+        table.add_column(column)
+    reference = report.reference or report.path
+    table.add_row(str(reference), "fp32", f"{report.score_fp32:.4f}", f"{report.latency_ms_fp32:.2f}")
+    if report.variant:
+        delta = report.score - report.score_fp32
+        table.add_row(str(report.path), report.variant, f"{report.score:.4f} ({delta:+.4f})",
+                      f"{report.latency_ms:.2f} ({_speed(report.latency_ms_fp32, report.latency_ms)})")
+    Console().print(table)
+    print(f"parity with PyTorch (fp32): max abs diff {report.parity.max_abs_diff:.1e}, top-1 agreement {report.parity.top1_agreement:.0%}")
+    print(f"wrote {report.path}")
+    return 0
+
+
+def _speed(reference_ms: float, ms: float) -> str:
+    ratio = reference_ms / ms
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tlengine._predict import expand_inputs, load
 
@@ -152,6 +217,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if not predictions:
             raise UserError(f"none of the {len(paths)} inputs is a readable image: {first}")
         print(f"warning: skipped {len(model.skipped)} unreadable image(s): {first}", file=sys.stderr)
+    if args.csv:
+        _write_predictions_csv(args.csv, predictions, model.task)
     for prediction in predictions:
         if args.json:
             print(json.dumps(prediction.to_dict()))
@@ -160,6 +227,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(prediction.source + "\t" + "  ".join(f"{label} {p:.3f}" for label, p in prediction.top))
     return 0
+
+
+def _write_predictions_csv(path: str, predictions: Sequence[Any], task: str) -> None:
+    import csv
+
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if task == "regression":
+                writer.writerow(["image", "value"])
+                writer.writerows([p.source, p.value] for p in predictions)
+                return
+            k = max((len(p.top) for p in predictions), default=0)
+            writer.writerow(["image"] + [f"{field}_{i + 1}" for i in range(k) for field in ("label", "probability")])
+            for p in predictions:
+                writer.writerow([p.source] + [x for label, prob in p.top for x in (label, f"{prob:.6f}")])
+    except OSError as exc:
+        raise UserError(f"--csv {path}: cannot write it ({exc.strerror})") from exc
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -202,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    commands = {"search": _cmd_search, "predict": _cmd_predict, "plugins": _cmd_plugins}
+    commands = {"search": _cmd_search, "export": _cmd_export, "predict": _cmd_predict, "plugins": _cmd_plugins}
     try:
         return commands[args.command](args)
     except UserError as exc:

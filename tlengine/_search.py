@@ -19,7 +19,10 @@ DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 DEFAULT_TRIALS = 20
 DEFAULT_EPOCHS = 5
 #: Config keys that define the objective: a study resumed with other values is refused.
-OBJECTIVE_KEYS = ("backbone", "arch", "weights", "head", "optimizer", "task", "classes", "image_size", "epochs", "batch_size")
+OBJECTIVE_KEYS = (
+    "backbone", "arch", "weights", "head", "optimizer", "task", "classes", "image_size", "epochs", "batch_size",
+    "dataset", "data", "val_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -250,9 +253,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     import optuna
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import save_model
 
-    from tlengine._model import build_model, inference_model
+    from tlengine._model import build_model
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import EpochResult, eval_tensors, fit, loader, make_dataset, resolve_device, train_transform
 
@@ -332,7 +335,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         "target_std": target_std,
         "metric": metric,
         "dataset": dataset_record.name,
-        "data": config.data,
+        "data": str(Path(config.data).resolve()) if config.data and Path(config.data).exists() else config.data,
+        "val_fraction": config.val_fraction,
+        "seed": config.seed,
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(config, storage, study_name, direction, study_config)
@@ -434,32 +439,109 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         return result
 
     with console.status("exporting the best trial to ONNX and checking it with onnxruntime"):
-        backbone = backbone_record.factory(arch, "none")
-        head = head_record.factory(base.num_features, num_outputs, data.task)
-        model = build_model(backbone, head, data.task, target_mean, target_std)
-        load_model(model, str(checkpoint))
         shutil.copyfile(checkpoint, run_dir / "best.safetensors")
-        sample = val_loader.dataset.tensors[0][:16].float()
-        metadata = {
-            "labels": list(data.classes),
-            "task": data.task,
-            "preprocess": preprocess.to_dict(),
-            "backbone": f"{backbone_record.name}:{arch}" if arch else backbone_record.name,
-            "head": config.head,
-            "params": best_trial.params,
-            "metric": metric,
-            "metric_value": best_trial.value,
-            "study_name": study_name,
-            "trial_number": best_trial.number,
-            "tlengine_version": _version(),
-        }
         onnx_path = run_dir / "best.onnx"
-        from tlengine._export import export_onnx
-
-        parity = export_onnx(inference_model(model), onnx_path, sample, metadata)
+        report = export_study_trial(registry, study, best_trial, onnx_path, data=data)
+        parity = report.parity
     result = SearchResult(**{**result.__dict__, "best": best, "onnx_path": onnx_path, "parity": asdict(parity)})
     _write_summary(result)
     return result
+
+
+def load_study(storage: str, study_name: str) -> Any:
+    """Open an existing tlengine study.
+
+    Raises:
+        UserError: The storage cannot be opened, the study does not exist, or it was not made by tlengine.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:
+        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {exc})") from exc
+    if study_name not in names:
+        raise UserError(f"--study-name {study_name}: no such study in {storage}; it has: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if "tlengine" not in study.user_attrs:
+        raise UserError(f"--study-name {study_name}: not a tlengine study")
+    return study
+
+
+def pick_trial(study: Any, which: str) -> Any:
+    """The study's best trial (``which == "best"``) or trial number ``which``, which must be complete.
+
+    Raises:
+        UserError: No such trial, or it did not complete.
+    """
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise UserError(f"study {study.study_name}: no trial has completed yet")
+    if which == "best":
+        return study.best_trial
+    numbers = {t.number: t for t in complete}
+    try:
+        number = int(which)
+    except ValueError:
+        raise UserError(f"--trial {which}: expected a trial number or 'best'") from None
+    if number not in numbers:
+        listing = ", ".join(str(n) for n in sorted(numbers))
+        raise UserError(f"--trial {number}: not a completed trial of study {study.study_name}; completed: {listing}")
+    return numbers[number]
+
+
+def export_study_trial(
+    registry: Registry, study: Any, trial: Any, path: Path, *, data: ImageData | None = None, variant: str | None = None, opset: int = 18
+) -> Any:
+    """Export one finished trial of a study to ONNX, checked on the study's validation images.
+
+    Args:
+        registry: The plugin registry (to rebuild the model).
+        study: The Optuna study.
+        trial: One of its completed trials (with a checkpoint).
+        path: Where the model goes.
+        data: The study's data, if already loaded; else it is loaded again from the study's config.
+        variant: ``None``, ``"fp16"``, ``"int8-static"`` or ``"int8-dynamic"``.
+        opset: ONNX opset.
+    """
+    import random
+
+    import numpy as np
+
+    from tlengine._export import export_trial, trial_model
+
+    config = study.user_attrs["tlengine"]
+    if data is None:
+        if config["dataset"] not in registry.datasets:
+            raise UserError(f"the study's dataset plugin {config['dataset']!r} is not installed")
+        options = DatasetOptions(config["task"], config.get("val_fraction", 0.2), config.get("seed", 0))
+        data = registry.datasets[config["dataset"]].factory(config["data"], options)
+    preprocess = Preprocess.from_dict(config["preprocess"])
+    val_images = np.stack([preprocess(item) for item in data.val.images])
+    dtype = np.int64 if config["task"] == "classification" else np.float32
+    val_targets = np.asarray(list(data.val.targets), dtype=dtype)
+    calibration = None
+    if variant == "int8-static":
+        picks = random.Random(0).sample(range(len(data.train)), min(128, len(data.train)))
+        calibration = np.stack([preprocess(data.train.images[i]) for i in picks])
+    model = trial_model(registry, config, Path(trial.user_attrs.get("checkpoint", "")))
+    metadata = {
+        "labels": config["classes"],
+        "task": config["task"],
+        "preprocess": config["preprocess"],
+        "backbone": f"{config['backbone']}:{config['arch']}" if config["arch"] else config["backbone"],
+        "head": config["head"],
+        "params": trial.params,
+        "metric": config["metric"],
+        "metric_value": trial.value,
+        "study_name": study.study_name,
+        "trial_number": trial.number,
+        "tlengine_version": _version(),
+    }
+    return export_trial(model, path, metadata, val_images, val_targets, variant=variant, calibration=calibration, opset=opset)
 
 
 def _version() -> str:
