@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs", help="output folder; results go to OUT/STUDY/ (default: runs)")
     s.add_argument("--study-name", help="default: DATA-ARCH")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
+    s.add_argument("--max-bad-images", type=float, default=0.01,
+                   help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
@@ -102,6 +104,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
         out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+        max_bad_images=args.max_bad_images,
     )
     try:
         result = run_search(config, console)

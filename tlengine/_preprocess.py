@@ -24,7 +24,11 @@ def load_image(item: Any) -> Any:
 
     Args:
         item: A path, a ``PIL.Image``, or a uint8 array (H, W) or (H, W, C).
-            Transparent images are composited over white.
+            Transparent images are composited over white; 16-bit images are scaled
+            to 8 bits; CMYK, palette and greyscale images are converted.
+
+    Raises:
+        OSError, ValueError, SyntaxError: The file is not a readable image (as Pillow raises).
     """
     import numpy as np
     from PIL import Image
@@ -37,6 +41,10 @@ def load_image(item: Any) -> Any:
         with Image.open(item) as opened:
             opened.load()
             image = opened
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit (and 32-bit) greyscale: scale to 8 bits instead of clipping at 255.
+        wide = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

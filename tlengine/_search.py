@@ -50,6 +50,7 @@ class SearchConfig:
     storage: str | None = None
     sampler: str = "tpe"
     pruner: str = "median"
+    max_bad_images: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,57 @@ def check_data(data: ImageData, source: str) -> None:
         values = list(data.train.targets)
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             raise UserError(f"{source}: regression targets must be finite numbers")
+
+
+def _readable(item: Any) -> str | None:
+    """``None`` if ``item`` decodes as an image, else why not. JPEGs decode at reduced size (draft mode)."""
+    if not isinstance(item, (str, Path)):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(item) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def drop_unreadable(data: ImageData, max_bad: float, warn: Any) -> ImageData:
+    """Decode every image file once and leave out the ones that fail.
+
+    Args:
+        data: The dataset.
+        max_bad: The most unreadable images tolerated: a fraction of all images
+            when below 1, else a count.
+        warn: Called with one summary line when images are skipped.
+
+    Raises:
+        UserError: More images are unreadable than ``max_bad`` allows.
+    """
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad: list[tuple[Any, str]] = []
+
+    def keep(split: Any) -> Any:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            errors = list(pool.map(_readable, split.images, chunksize=64))
+        bad.extend((item, error) for item, error in zip(split.images, errors) if error)
+        kept = [i for i, error in enumerate(errors) if error is None]
+        return type(split)([split.images[i] for i in kept], [split.targets[i] for i in kept])
+
+    train, val = keep(data.train), keep(data.val)
+    total = len(data.train) + len(data.val)
+    if not bad:
+        return data
+    limit = max_bad if max_bad >= 1 else max_bad * total
+    first = "; ".join(f"{item} ({error})" for item, error in bad[:3])
+    if len(bad) > limit:
+        raise UserError(f"--max-bad-images {max_bad:g}: {len(bad)} of {total} images cannot be read, e.g. {first}")
+    warn(f"warning: skipped {len(bad)} unreadable image(s) of {total}: {first}")
+    return dataclasses.replace(data, train=train, val=val)
 
 
 def _storage_url(config: SearchConfig, run_dir: Path) -> str:
@@ -264,6 +316,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             raise UserError(f"{option} {value}: must be a positive integer")
     if config.timeout is not None and config.timeout <= 0:
         raise UserError(f"--timeout {config.timeout}: must be a positive number of seconds")
+    if config.max_bad_images < 0:
+        raise UserError(f"--max-bad-images {config.max_bad_images:g}: must be a fraction (below 1) or a count, not negative")
     if not 0.0 < config.val_fraction < 1.0:
         raise UserError(f"--val-fraction {config.val_fraction}: must be between 0 and 1")
     if config.task not in (None, "classification", "regression"):
@@ -284,6 +338,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
 
     with console.status("loading data and backbone"):
         data = dataset_record.factory(config.data, DatasetOptions(config.task, config.val_fraction, config.seed))
+        warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
+        data = drop_unreadable(data, config.max_bad_images, warn)
         check_data(data, config.data or dataset_record.name)
         base = backbone_record.factory(arch, config.weights)
     suggested = dataset_record.suggested
