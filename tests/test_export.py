@@ -43,3 +43,27 @@ def test_parity_gate_fails_clearly(tmp_path: Path) -> None:
     model = build_model(timm.create_model("test_efficientnet", num_classes=0), torch.nn.Linear(256, 3), "classification")
     with pytest.raises(UserError, match="onnxruntime differs from PyTorch"):
         export_onnx(inference_model(model), tmp_path / "m.onnx", torch.rand(4, 3, 32, 32), {"task": "classification"}, tolerance=-1.0)
+
+
+def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models over the 2 GB protobuf limit keep weights in NAME.onnx.data; forced here with a zero threshold."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    from tlengine import _export
+    from tlengine._model import build_model, inference_model
+
+    monkeypatch.setattr(_export, "EXTERNAL_DATA_BYTES", 0)
+    model = build_model(timm.create_model("test_efficientnet", num_classes=0), torch.nn.Linear(256, 3), "classification")
+    path = tmp_path / "big.onnx"
+    parity = _export.export_onnx(inference_model(model), path, torch.rand(4, 3, 32, 32), {"task": "classification", "labels": ["a", "b", "c"]})
+    assert parity.max_abs_diff < 1e-4
+    data_file = tmp_path / "big.onnx.data"
+    assert data_file.is_file() and data_file.stat().st_size > path.stat().st_size
+    onnx.checker.check_model(str(path), full_check=True)
+    assert _export.read_metadata(path)["labels"] == '["a", "b", "c"]'
+    out = ort.InferenceSession(str(path)).run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})[0]
+    assert out.shape == (2, 3)
