@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
     s.add_argument("--max-bad-images", type=float, default=0.01,
                    help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
+    s.add_argument("--confine-paths", action="store_true", help="refuse CSV image paths outside the CSV's folder")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
@@ -104,7 +105,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
         out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-        max_bad_images=args.max_bad_images,
+        max_bad_images=args.max_bad_images, confine_paths=args.confine_paths,
     )
     try:
         result = run_search(config, console)
@@ -296,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -58,11 +58,13 @@ class DatasetOptions:
         task: ``"classification"``, ``"regression"`` or ``None`` (the dataset decides).
         val_fraction: Fraction held out for validation when the data has no split.
         seed: Seed for any random split.
+        confine_paths: Refuse image paths (e.g. in a CSV) that lead outside the data's folder.
     """
 
     task: Task | None = None
     val_fraction: float = 0.2
     seed: int = 0
+    confine_paths: bool = False
 
 
 @dataclass(frozen=True)

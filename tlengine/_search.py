@@ -51,6 +51,7 @@ class SearchConfig:
     sampler: str = "tpe"
     pruner: str = "median"
     max_bad_images: float = 0.01
+    confine_paths: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,9 @@ def check_data(data: ImageData, source: str) -> None:
         bad = [t for t in list(data.train.targets) + list(data.val.targets) if not 0 <= int(t) < len(data.classes)]
         if bad:
             raise UserError(f"{source}: target {bad[0]!r} is not a class index 0..{len(data.classes) - 1}")
+        untrained = sorted(set(range(len(data.classes))) - set(data.train.targets))
+        if untrained:
+            raise UserError(f"{source}: class {data.classes[untrained[0]]!r} has no training images")
     else:
         values = list(data.train.targets)
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -209,6 +213,11 @@ def drop_unreadable(data: ImageData, max_bad: float, warn: Any) -> ImageData:
     return dataclasses.replace(data, train=train, val=val)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (database drivers add paragraphs)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def _storage_url(config: SearchConfig, run_dir: Path) -> str:
     if config.storage:
         return config.storage
@@ -252,9 +261,9 @@ def _open_study(config: SearchConfig, storage: str, study_name: str, direction: 
     except UserError:
         raise
     except (ValueError, ImportError) as exc:
-        raise UserError(f"--storage {storage}: cannot open it ({exc})") from exc
+        raise UserError(f"--storage {storage}: cannot open it ({_first_line(exc)})") from exc
     except Exception as exc:  # database drivers raise their own types
-        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {exc})") from exc
+        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {_first_line(exc)})") from exc
     saved = study.user_attrs.get("tlengine")
     if saved is None:
         study.set_user_attr("tlengine", study_config)
@@ -337,7 +346,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     torch.manual_seed(config.seed)
 
     with console.status("loading data and backbone"):
-        data = dataset_record.factory(config.data, DatasetOptions(config.task, config.val_fraction, config.seed))
+        options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths)
+        data = dataset_record.factory(config.data, options)
         warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
         data = drop_unreadable(data, config.max_bad_images, warn)
         check_data(data, config.data or dataset_record.name)
@@ -465,7 +475,14 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 progress.remove_task(task_id)
                 progress.advance(overall)
             checkpoint = run_dir / "trials" / f"{trial.number}.safetensors"
-            save_model(model.cpu(), str(checkpoint))
+            try:
+                save_model(model.cpu(), str(checkpoint))
+            except OSError as exc:
+                checkpoint.unlink(missing_ok=True)
+                raise UserError(
+                    f"{checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
+                    "free some space and run the same command again to resume"
+                ) from exc
             trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
             trial.set_user_attr("history", [asdict(h) for h in history])
             console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f} (depth {depth}/{n_stages}, lr {lr:.1e})")
@@ -516,7 +533,7 @@ def load_study(storage: str, study_name: str) -> Any:
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:
-        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {exc})") from exc
+        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {_first_line(exc)})") from exc
     if study_name not in names:
         raise UserError(f"--study-name {study_name}: no such study in {storage}; it has: {', '.join(names) or 'none'}")
     study = optuna.load_study(study_name=study_name, storage=storage)

@@ -74,6 +74,26 @@ def stratified_split(targets: Sequence[Any], fraction: float, seed: int) -> tupl
     return sorted(train), sorted(val)
 
 
+def split_by_fraction(everything: Split, classes: Sequence[str], options: DatasetOptions, source: str) -> tuple[Split, Split]:
+    """Hold out ``options.val_fraction`` of every class; refuse classes too small to appear on both sides.
+
+    Raises:
+        UserError: A class has a single image.
+    """
+    if classes:
+        counts = defaultdict(int)
+        for target in everything.targets:
+            counts[target] += 1
+        lonely = [classes[t] for t in sorted(counts) if counts[t] < 2]
+        if lonely:
+            raise UserError(
+                f"--data {source}: class {lonely[0]!r} has a single image; each class needs at least two "
+                "(one to train on, one to validate), or remove the class"
+            )
+    train_idx, val_idx = stratified_split(everything.targets, options.val_fraction, options.seed)
+    return _subset(everything, train_idx), _subset(everything, val_idx)
+
+
 def _subset(split: Split, indices: list[int]) -> Split:
     return Split([split.images[i] for i in indices], [split.targets[i] for i in indices])
 
@@ -111,14 +131,13 @@ def imagefolder(path: str | None, options: DatasetOptions) -> ImageData:
                 raise UserError(f"--data {val_dir}: classes {', '.join(extra)} have no training images in {train_dir}")
             val, _ = _scan(val_dir, class_to_idx)
         else:
-            train_idx, val_idx = stratified_split(train.targets, options.val_fraction, options.seed)
-            train, val = _subset(train, train_idx), _subset(train, val_idx)
+            names = sorted(class_to_idx, key=class_to_idx.__getitem__)
+            train, val = split_by_fraction(train, names, options, path)
     else:
         everything, class_to_idx = _scan(root)
         if len(everything) == 0:
             raise UserError(f"--data {path}: no images found in its class folders")
-        train_idx, val_idx = stratified_split(everything.targets, options.val_fraction, options.seed)
-        train, val = _subset(everything, train_idx), _subset(everything, val_idx)
+        train, val = split_by_fraction(everything, sorted(class_to_idx, key=class_to_idx.__getitem__), options, path)
     classes = tuple(sorted(class_to_idx, key=class_to_idx.__getitem__))
     return ImageData(train, val, "classification", classes, name=root.resolve().name)
 
@@ -164,9 +183,16 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
     for line, row in enumerate(body, start=2):
         if len(row) < len(header):
             raise UserError(f"--data {path}: line {line} has {len(row)} fields, the header has {len(header)}")
-        image = (file.parent / row[index[image_col]].strip()).resolve()
-        if not image.is_file():
-            raise UserError(f"--data {path}: line {line}: image {row[index[image_col]]!r} does not exist")
+        cell = row[index[image_col]]
+        try:
+            image = (file.parent / cell.strip()).resolve()
+            exists = image.is_file()
+        except (ValueError, OSError) as exc:  # NUL bytes, names too long
+            raise UserError(f"--data {path}: line {line}: {cell!r} is not a usable file path ({exc})") from None
+        if options.confine_paths and not image.is_relative_to(file.parent.resolve()):
+            raise UserError(f"--data {path}: line {line}: image {cell!r} is outside the CSV's folder (--confine-paths)")
+        if not exists or not cell.strip():
+            raise UserError(f"--data {path}: line {line}: image {cell!r} does not exist")
         images.append(image)
         raw_targets.append(row[index[target_col]].strip())
         splits.append(row[index[split_col]].strip().lower() if split_col else "")
@@ -179,7 +205,13 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
         classes: tuple[str, ...] = ()
     else:
         classes = tuple(sorted(set(raw_targets)))
-        targets = [classes.index(t) for t in raw_targets]
+        if len(classes) > max(20, len(raw_targets) // 2) and all(_is_float(t) for t in raw_targets):
+            raise UserError(
+                f"--data {path}: column {target_col!r} holds {len(classes)} different numbers, "
+                "which looks like a regression target; pass --task regression (or use text labels)"
+            )
+        lookup = {c: i for i, c in enumerate(classes)}
+        targets = [lookup[t] for t in raw_targets]
     everything = Split(images, targets)
     if split_col:
         unknown = sorted({s for s in splits if s not in ("train", "val")})
@@ -187,9 +219,9 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
             raise UserError(f"--data {path}: split column values must be train or val, found {unknown[0]!r}")
         train_idx = [i for i, s in enumerate(splits) if s == "train"]
         val_idx = [i for i, s in enumerate(splits) if s == "val"]
-    else:
-        train_idx, val_idx = stratified_split(targets, options.val_fraction, options.seed)
-    return ImageData(_subset(everything, train_idx), _subset(everything, val_idx), task, classes, name=file.stem)
+        return ImageData(_subset(everything, train_idx), _subset(everything, val_idx), task, classes, name=file.stem)
+    train, val = split_by_fraction(everything, classes, options, path)
+    return ImageData(train, val, task, classes, name=file.stem)
 
 
 def _is_float(text: str) -> bool:
