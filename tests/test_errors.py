@@ -134,7 +134,7 @@ CASES = [
     Case("unknown dataset", lambda t: search("--dataset", "imagefoldr"),
          "error: --dataset: unknown dataset 'imagefoldr' (did you mean 'imagefolder'?); known: csv, demo, imagefolder"),
     Case("unknown optimizer", lambda t: search("--optimizer", "adamww"), "error: --optimizer: unknown optimizer 'adamww' (did you mean 'adamw'?); known: adamw, sgd"),
-    Case("unknown sampler", lambda t: search("--sampler", "tpee"), "error: --sampler: unknown sampler 'tpee' (did you mean 'tpe'?); known: random, tpe"),
+    Case("unknown sampler", lambda t: search("--sampler", "tpee"), "error: --sampler: unknown sampler 'tpee' (did you mean 'tpe'?); known: grid, random, tpe"),
     Case("unknown pruner", lambda t: search("--pruner", "medain"), "error: --pruner: unknown pruner 'medain' (did you mean 'median'?); known: hyperband, median, none"),
     Case("zero trials", lambda t: search("--trials", "0"), "error: --trials 0: must be a positive integer"),
     Case("negative epochs", lambda t: search("--epochs", "-1"), "error: --epochs -1: must be a positive integer"),

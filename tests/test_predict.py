@@ -36,10 +36,11 @@ def torch_predictions(run: Path, images: list[Path]) -> list[str]:
     from tlengine._train import eval_transform
     from tlengine.plugins import get_registry
 
-    config = json.loads((run / "summary.json").read_text())["config"]
+    summary = json.loads((run / "summary.json").read_text())
+    config, values = summary["config"], summary["best"]["values"]
     registry = get_registry()
     backbone = registry.backbones[config["backbone"]].factory(config["arch"], "none")
-    head = registry.heads[config["head"]].factory(backbone.num_features, len(config["classes"]), config["task"])
+    head = registry.heads[values["head"]].factory(backbone.num_features, len(config["classes"]), config["task"])
     model = build_model(backbone, head, config["task"])
     load_model(model, str(run / "best.safetensors"))
     transform = eval_transform(Preprocess.from_dict(config["preprocess"]))

@@ -39,18 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data has no validation split (default: 0.2)")
     s.add_argument("--backbone", default="timm:tf_efficientnet_lite0", help="NAME, NAME:ARCH, or a timm model name (default: timm:tf_efficientnet_lite0)")
     s.add_argument("--weights", default="auto", help="auto, hub, none, a .pth/.safetensors file, or pkg:DISTRIBUTION (default: auto)")
-    s.add_argument("--head", default="linear", help="head plugin (default: linear)")
-    s.add_argument("--optimizer", default="adamw", help="optimizer plugin (default: adamw)")
+    s.add_argument("--config", help="TOML file with [search] options and the [space] to search (see docs/search-space.md)")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix or search one dimension, VALUE in TOML: lr=3e-4, 'head=[\"linear\",\"mlp\"]', 'lr={low=1e-4,high=1e-2,log=true}'")
+    s.add_argument("--head", help="head plugin; short for --param head=NAME (default: linear)")
+    s.add_argument("--optimizer", help="optimizer plugin; short for --param optimizer=NAME (default: adamw)")
     s.add_argument("--trials", type=_positive_int, help="total trials in the study (default: the dataset's suggestion, else 20)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     s.add_argument("--epochs", type=_positive_int, help="epochs per trial (default: the dataset's suggestion, else 5)")
     s.add_argument("--image-size", type=_positive_int, help="input side in pixels (default: the dataset's suggestion, else the backbone's)")
-    s.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
-    s.add_argument("--weight-decay", type=float, default=0.01, help="default: 0.01")
+    s.add_argument("--batch-size", type=_positive_int, help="short for --param batch_size=N (default: 32)")
+    s.add_argument("--weight-decay", type=float, help="short for --param weight_decay=X (default: 0.01)")
+    s.add_argument("--metric", help="accuracy, macro_f1, balanced_accuracy, top5 (classification); rmse, mae, r2 (regression)")
+    s.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    s.add_argument("--sampler", default="tpe", help="tpe or random (default: tpe)")
-    s.add_argument("--pruner", default="median", help="median, hyperband or none (default: median)")
+    s.add_argument("--sampler", help="tpe (multivariate), random, or grid over every searched value (default: tpe)")
+    s.add_argument("--pruner", help="median, hyperband or none (default: median)")
     s.add_argument("--out", default="runs", help="output folder; results go to OUT/STUDY/ (default: runs)")
     s.add_argument("--study-name", help="default: DATA-ARCH")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
@@ -99,11 +104,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from tlengine.plugins import failures
 
     console = Console(stderr=True)
+    from tlengine._space import parse_override
+
+    params = [(*parse_override(text), f"--param {text.partition('=')[0].strip()}") for text in args.param]
+    for name, value in (("head", args.head), ("optimizer", args.optimizer), ("batch_size", args.batch_size), ("weight_decay", args.weight_decay)):
+        if value is not None:
+            params.append((name, value, f"--{name.replace('_', '-')}"))
     config = SearchConfig(
         data=args.data, dataset=args.dataset, task=args.task, val_fraction=args.val_fraction,
-        backbone=args.backbone, weights=args.weights, head=args.head, optimizer=args.optimizer,
+        backbone=args.backbone, weights=args.weights, config=args.config, params=tuple(params),
         trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        metric=args.metric, class_weights=args.class_weights, seed=args.seed, device=args.device,
         out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
         max_bad_images=args.max_bad_images, confine_paths=args.confine_paths,
     )
@@ -127,8 +138,9 @@ def _print_results(result: Any) -> None:
 
     out = Console()
     table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})")
-    for column in ("trial", "recipe", "state", "freeze depth", "lr", result.metric, "epochs", "seconds"):
-        table.add_column(column, justify="right" if column not in ("recipe", "state") else "left")
+    params = [p for p in result.searched if p != "freeze_depth"]
+    for column in ("trial", "recipe", "state", "freeze depth", *params, result.metric, "epochs", "seconds"):
+        table.add_column(column.replace("_", " "), justify="left" if column in ("recipe", "state") else "right")
     stages = result.config.get("stages")
     for row in result.rows:
         best = result.best is not None and row.number == result.best.number
@@ -138,7 +150,7 @@ def _print_results(result: Any) -> None:
             row.recipe or "",
             row.state.lower(),
             f"{depth}/{stages}" if depth is not None else "",
-            f"{row.params['lr']:.2e}" if "lr" in row.params else "",
+            *(_format_value(row.params.get(p)) for p in params),
             f"{row.value:.4f}" if row.value is not None else "",
             str(row.epochs_run),
             f"{row.duration_s:.1f}" if row.duration_s is not None else "",
@@ -159,13 +171,21 @@ def _print_results(result: Any) -> None:
     out.print(f"summary: {result.run_dir / 'summary.json'}; study: {result.storage}")
 
 
+def _format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
+    return str(value)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
     from rich.console import Console
 
-    from tlengine._search import export_study_trial, load_study, pick_trial
+    from tlengine._study import export_study_trial, load_study, pick_trial
     from tlengine.plugins import get_registry
 
     if args.precision == "fp16" and args.quantize == "int8":

@@ -175,8 +175,14 @@ class ExportReport:
     reference: Path | None = None
 
 
-def trial_model(registry: Any, config: Mapping[str, Any], checkpoint: Path) -> Any:
-    """Rebuild a trial's trained model from its study's config and its checkpoint.
+def trial_model(registry: Any, config: Mapping[str, Any], values: Mapping[str, Any], checkpoint: Path) -> Any:
+    """Rebuild a trial's trained model from its study's config, its values and its checkpoint.
+
+    Args:
+        registry: The plugin registry.
+        config: The study's ``tlengine`` config (backbone, task, classes, target statistics).
+        values: Every value the trial used (``head`` and the head's parameters among them).
+        checkpoint: The trial's ``.safetensors`` checkpoint.
 
     Raises:
         UserError: The plugin that built it is not installed, or the checkpoint is missing.
@@ -185,13 +191,16 @@ def trial_model(registry: Any, config: Mapping[str, Any], checkpoint: Path) -> A
 
     from tlengine._model import build_model
 
-    if config["backbone"] not in registry.backbones or config["head"] not in registry.heads:
-        raise UserError(f"the study was made with backbone {config['backbone']!r} and head {config['head']!r}; install their plugins")
+    head_name = values["head"]
+    if config["backbone"] not in registry.backbones or head_name not in registry.heads:
+        raise UserError(f"the trial was made with backbone {config['backbone']!r} and head {head_name!r}; install their plugins")
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: the trial's checkpoint is not on this machine; export it where the trial ran")
     backbone = registry.backbones[config["backbone"]].factory(config["arch"], "none")
     outputs = len(config["classes"]) if config["task"] == "classification" else 1
-    head = registry.heads[config["head"]].factory(backbone.num_features, outputs, config["task"])
+    head_record = registry.heads[head_name]
+    head_kwargs = {p: values[f"{head_name}.{p}"] for p in head_record.params if f"{head_name}.{p}" in values}
+    head = head_record.factory(backbone.num_features, outputs, config["task"], **head_kwargs)
     model = build_model(backbone, head, config["task"], config["target_mean"], config["target_std"])
     load_model(model, str(checkpoint))
     return model.eval()

@@ -40,14 +40,19 @@ class Head:
 
     Attributes:
         name: The name users pass to ``--head``.
-        factory: ``factory(in_features, num_outputs, task) -> torch.nn.Module`` mapping
-            ``(batch, in_features)`` to ``(batch, num_outputs)`` logits or regression outputs.
+        factory: ``factory(in_features, num_outputs, task, **params) -> torch.nn.Module``
+            mapping ``(batch, in_features)`` to ``(batch, num_outputs)`` logits or
+            regression outputs.
         description: One line for ``tlengine plugins``.
+        params: Tunable keyword arguments of ``factory`` and their default specs
+            (a fixed value, a list, or a ``{low, high}`` range, as in the TOML
+            config); each becomes the search dimension ``NAME.PARAM``.
     """
 
     name: str
-    factory: Callable[[int, int, Task], Any]
+    factory: Callable[..., Any]
     description: str
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,15 +134,21 @@ class Optimizer:
 
     Attributes:
         name: The name users pass to ``--optimizer``.
-        factory: ``factory(model, lr, weight_decay) -> torch.optim.Optimizer``, over the
-            model's trainable parameters.
+        factory: ``factory(params, lr, weight_decay, **params) -> torch.optim.Optimizer``.
+            ``params`` is a module or, as tlengine passes it, a list of parameter
+            groups (dicts with ``params``, ``weight_decay`` and an ``lr_scale`` that
+            timm's schedulers apply), holding only trainable parameters.
         description: One line for ``tlengine plugins``.
         lr_range: The learning-rate range searched (log scale) for this optimizer.
         default_lr: The learning rate of the opening recipes.
+        params: Tunable keyword arguments of ``factory`` and their default specs
+            (e.g. ``{"momentum": {"low": 0.8, "high": 0.99}}``); each becomes the
+            search dimension ``NAME.PARAM``.
     """
 
     name: str
-    factory: Callable[[Any, float, float], Any]
+    factory: Callable[..., Any]
     description: str
     lr_range: tuple[float, float] = (1e-5, 1e-2)
     default_lr: float = 1e-3
+    params: Mapping[str, Any] = field(default_factory=dict)

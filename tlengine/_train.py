@@ -29,6 +29,51 @@ class EpochResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """How one trial trains.
+
+    Attributes:
+        epochs: Epochs to train.
+        task: ``"classification"`` or ``"regression"``.
+        metric: The validation metric (see :mod:`tlengine._metrics`).
+        label_smoothing: Label smoothing of the cross-entropy loss.
+        warmup: Fraction of the steps in linear warmup before the cosine decay.
+        mixup: timm Mixup alpha (0 = off).
+        cutmix: timm CutMix alpha (0 = off).
+        num_classes: Number of classes (classification).
+        class_weights: Per-class loss weights, or ``None``.
+    """
+
+    epochs: int
+    task: str
+    metric: str
+    label_smoothing: float = 0.0
+    warmup: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    num_classes: int = 0
+    class_weights: tuple[float, ...] | None = None
+
+
+def param_groups(model: Any, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with timm's layer-wise learning-rate decay.
+
+    The backbone's groups come from timm's ``param_groups_layer_decay`` (layers from
+    its ``group_matcher``, the last layer at scale 1); the head gets scale 1.
+    Frozen parameters are left out; biases and norms get no weight decay.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    backbone = model.backbone
+    no_decay = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(backbone, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups.append({"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": 1.0})
+    groups.append({"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0})
+    return [g for g in groups if g["params"]]
+
+
 def resolve_device(device: str) -> str:
     """Turn ``auto|cpu|cuda[:N]`` into a concrete torch device string.
 
@@ -74,8 +119,8 @@ def make_dataset(split: Split, transform: Callable[[Any], Any], task: str) -> An
     return SplitDataset()
 
 
-def train_transform(preprocess: Preprocess) -> Any:
-    """timm's training transform at the model's input size: random resized crop and flip."""
+def train_transform(preprocess: Preprocess, randaugment: int = 0) -> Any:
+    """timm's training transform: random resized crop, flip, and RandAugment at ``randaugment`` magnitude (0 = off)."""
     from timm.data import create_transform
 
     return create_transform(
@@ -84,6 +129,7 @@ def train_transform(preprocess: Preprocess) -> Any:
         scale=(0.5, 1.0),
         hflip=0.5,
         color_jitter=None,
+        auto_augment=f"rand-m{randaugment}-n2-mstd0.5" if randaugment else None,
         interpolation=preprocess.interpolation,
         mean=preprocess.mean,
         std=preprocess.std,
@@ -138,13 +184,15 @@ def loader(dataset: Any, batch_size: int, shuffle: bool, device: str, seed: int 
     )
 
 
-def evaluate(model: Any, val_loader: Any, task: str, device: str) -> tuple[float, Any]:
-    """Score ``model`` on ``val_loader``.
+def evaluate(model: Any, val_loader: Any, metric: str, device: str) -> tuple[float, Any]:
+    """Score ``model`` on ``val_loader`` with ``metric``.
 
     Returns:
-        ``(score, outputs)``: accuracy (classification) or RMSE in target units
-        (regression), and the raw outputs as one CPU float tensor.
+        ``(score, outputs)``: the metric, and the outputs (logits, or regression
+        predictions in target units) as one CPU float tensor.
     """
+    from tlengine._metrics import score
+
     import torch
 
     model.eval()
@@ -158,10 +206,9 @@ def evaluate(model: Any, val_loader: Any, task: str, device: str) -> tuple[float
             outputs.append(model(x).float().cpu())
             targets.append(y)
     out, target = torch.cat(outputs), torch.cat(targets)
-    if task == "classification":
-        return (out.argmax(dim=-1) == target).float().mean().item(), out
-    pred = out.squeeze(-1) * model.target_std.cpu() + model.target_mean.cpu()
-    return torch.sqrt(torch.mean((pred - target) ** 2)).item(), out
+    if model.task == "regression":
+        out = out.squeeze(-1) * model.target_std.cpu() + model.target_mean.cpu()
+    return score(metric, out, target), out
 
 
 def fit(
@@ -169,19 +216,22 @@ def fit(
     optimizer: Any,
     train_loader: Any,
     val_loader: Any,
+    plan: TrainPlan,
     *,
-    task: str,
-    epochs: int,
     device: str,
     on_step: Callable[[], None] = lambda: None,
     on_epoch: Callable[[EpochResult], None] = lambda result: None,
+    on_epoch_start: Callable[[int], None] = lambda epoch: None,
 ) -> list[EpochResult]:
-    """Train ``model`` for ``epochs`` epochs; evaluate after each.
+    """Train ``model`` for ``plan.epochs`` epochs; evaluate after each.
 
-    Cosine learning-rate schedule with a short linear warmup (timm's
-    ``CosineLRScheduler``, stepped per update). On CUDA: bf16 autocast (fp16 with a
-    gradient scaler where bf16 is unsupported) and channels_last. Frozen BatchNorm
-    layers stay in eval mode. ``on_epoch`` may raise to stop (e.g. Optuna pruning).
+    Cosine learning-rate schedule after a linear warmup (timm's
+    ``CosineLRScheduler``, stepped per update, honouring each group's ``lr_scale``).
+    Label smoothing, or timm's Mixup/CutMix with soft-target cross-entropy, for
+    classification; MSE on standardised targets for regression. On CUDA: bf16
+    autocast (fp16 with a gradient scaler where bf16 is unsupported) and
+    channels_last. Frozen BatchNorm layers stay in eval mode. ``on_epoch_start``
+    may change what is frozen; ``on_epoch`` may raise to stop (Optuna pruning).
 
     Returns:
         One :class:`EpochResult` per finished epoch.
@@ -189,6 +239,8 @@ def fit(
     import time
 
     import torch
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
     from timm.scheduler import CosineLRScheduler
 
     cuda = device.startswith("cuda")
@@ -198,16 +250,24 @@ def fit(
     dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     steps = max(1, len(train_loader))
+    base_lr = max(g["lr"] for g in optimizer.param_groups)
     scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=epochs * steps,
-        warmup_t=min(steps, max(1, epochs * steps // 10)),
-        warmup_lr_init=optimizer.param_groups[0]["lr"] * 0.01,
-        lr_min=optimizer.param_groups[0]["lr"] * 0.01,
+        t_initial=plan.epochs * steps,
+        warmup_t=max(1, round(plan.warmup * plan.epochs * steps)),
+        warmup_lr_init=base_lr * 0.01,
+        lr_min=base_lr * 0.01,
         t_in_epochs=False,
     )
-    if task == "classification":
-        loss_fn = torch.nn.CrossEntropyLoss()
+    scheduler.step_update(0)  # apply warmup and every group's lr_scale before the first step
+    mixup = None
+    if plan.task == "classification" and (plan.mixup > 0 or plan.cutmix > 0):
+        mixup = Mixup(mixup_alpha=plan.mixup, cutmix_alpha=plan.cutmix, label_smoothing=plan.label_smoothing, num_classes=plan.num_classes)
+    if mixup is not None:
+        loss_fn = SoftTargetCrossEntropy()
+    elif plan.task == "classification":
+        weight = torch.tensor(plan.class_weights, device=device) if plan.class_weights else None
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=plan.label_smoothing)
     else:
         mse = torch.nn.MSELoss()
         mean, std = model.target_mean.to(device), model.target_std.to(device)
@@ -215,18 +275,23 @@ def fit(
 
     history: list[EpochResult] = []
     updates = 0
-    for epoch in range(epochs):
+    for epoch in range(plan.epochs):
         start = time.perf_counter()
+        on_epoch_start(epoch)
         train_mode(model)
         total_loss, seen = 0.0, 0
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None and len(x) % 2 == 0:
+                x, y = mixup(x, y)
+            elif mixup is not None:
+                y = torch.nn.functional.one_hot(y, plan.num_classes).float()
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 loss = loss_fn(model(x), y)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}")
+                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -236,7 +301,7 @@ def fit(
             total_loss += loss.item() * len(x)
             seen += len(x)
             on_step()
-        score, _ = evaluate(model, val_loader, task, device)
+        score, _ = evaluate(model, val_loader, plan.metric, device)
         result = EpochResult(epoch, total_loss / max(1, seen), score, time.perf_counter() - start)
         history.append(result)
         on_epoch(result)

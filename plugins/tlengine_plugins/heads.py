@@ -10,7 +10,7 @@ from tlengine import Head, hookimpl
 @hookimpl
 def register_heads(register):
     register(Head("linear", linear, "one linear layer: softmax classification or linear regression"))
-    register(Head("mlp", mlp, "Dense-1024 + ReLU + dropout 0.2, then a linear layer"))
+    register(Head("mlp", mlp, "Dense-1024 + ReLU + dropout, then a linear layer", params={"hidden": 1024, "dropout": 0.2}))
 
 
 def linear(in_features: int, num_outputs: int, task: str) -> Any:

@@ -29,7 +29,7 @@ class BackboneContract:
 
     @pytest.fixture
     def model(self) -> Any:
-        from tlengine._search import resolve_backbone
+        from tlengine._study import resolve_backbone
 
         record, arch = resolve_backbone(get_registry(), self.backbone)
         return record.factory(arch, "none")
@@ -114,6 +114,7 @@ class HeadContract:
 
         head = record.factory(16, outputs, task)
         x = torch.randn(4, 16, requires_grad=True)
+        assert all(name.isidentifier() for name in record.params)
         out = head(x)
         assert out.shape == (4, outputs)
         out.sum().backward()
@@ -190,6 +191,19 @@ class OptimizerContract:
         assert 0 < low < high
         assert low <= record.default_lr <= high
 
+    def test_declared_params_accepted(self, record: Any) -> None:
+        """Every tunable parameter the plugin declares is a keyword its factory takes, at its default spec."""
+        import torch
+
+        from tlengine._space import parse_dimension
+
+        model = torch.nn.Linear(4, 2)
+        for name, spec in record.params.items():
+            dim = parse_dimension(name, spec, isinstance(spec, int), "default", "params")
+            value = dim.value if dim.kind == "fixed" else dim.choices[0] if dim.kind == "categorical" else dim.low
+            optimizer = record.factory(model.parameters(), record.default_lr, 0.0, **{name: value})
+            assert isinstance(optimizer, torch.optim.Optimizer)
+
     def test_steps_only_trainable_parameters(self, record: Any) -> None:
         import torch
 
@@ -197,7 +211,8 @@ class OptimizerContract:
         model[0].requires_grad_(False)
         frozen = model[0].weight.clone()
         trainable = model[1].weight.clone()
-        optimizer = record.factory(model, record.default_lr, 0.01)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.01, "lr_scale": 1.0}]
+        optimizer = record.factory(groups, record.default_lr, 0.01)
         assert isinstance(optimizer, torch.optim.Optimizer)
         assert all(g["lr"] == pytest.approx(record.default_lr) for g in optimizer.param_groups)
         model(torch.randn(4, 8)).pow(2).sum().backward()

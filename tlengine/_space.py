@@ -1,0 +1,323 @@
+"""The search space: its dimensions and defaults, the TOML config, and CLI overrides.
+
+A dimension's spec is written as in the TOML config:
+
+- a scalar (``0.05``, ``"mlp"``, ``3``): the value is fixed;
+- a list (``["linear", "mlp"]``): Optuna chooses among the values;
+- a table (``{low = 1e-5, high = 1e-2, log = true}``, optional ``step``): a range,
+  of integers when the dimension is an integer one;
+- ``"search"``: the dimension's default range (``freeze_depth``: every depth;
+  ``lr``: the optimizer's range; ``head``/``optimizer``: every registered one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlengine._errors import UserError, did_you_mean
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+#: Built-in dimensions: (default spec, integer?, one-line meaning). Documented in docs/search-space.md.
+DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
+    "freeze_depth": ("search", True, "leading backbone stages kept frozen: 0 = full fine-tune, all = linear probe"),
+    "lr": ("search", False, "peak learning rate of the head (log scale; default range from the optimizer)"),
+    "layer_decay": ({"low": 0.5, "high": 1.0}, False, "timm layer-wise LR decay: earlier layers get lr * decay^distance"),
+    "label_smoothing": ({"low": 0.0, "high": 0.2}, False, "label smoothing of the classification loss"),
+    "weight_decay": (0.01, False, "weight decay (not on biases and norms)"),
+    "batch_size": (32, True, "training batch size"),
+    "head": ("linear", False, "head plugin"),
+    "optimizer": ("adamw", False, "optimizer plugin"),
+    "warmup": (0.1, False, "fraction of the training steps spent in linear warmup before the cosine decay"),
+    "head_epochs": (0, True, "epochs that train only the head before the chosen stages are unfrozen"),
+    "randaugment": (0, True, "RandAugment magnitude (timm create_transform), 0 = off"),
+    "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
+    "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
+}
+SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights"}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One dimension of the search space.
+
+    Attributes:
+        name: The parameter's name in the study (``lr``, ``sgd.momentum``, ...).
+        kind: ``"fixed"``, ``"int"``, ``"float"`` or ``"categorical"``.
+        value: The fixed value (kind ``"fixed"``).
+        low: Range start (int and float kinds).
+        high: Range end.
+        log: Sample on a log scale.
+        step: Discretisation step, or ``None``.
+        choices: The values of a categorical dimension.
+        source: ``"default"``, ``"config"`` or ``"cli"``: where the spec came from.
+    """
+
+    name: str
+    kind: str
+    value: Any = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    source: str = "default"
+
+    @property
+    def searched(self) -> bool:
+        """Whether Optuna chooses this dimension's value."""
+        return self.kind != "fixed"
+
+    def suggest(self, trial: Any) -> Any:
+        """The value for ``trial``: fixed, or suggested through Optuna."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid(self) -> list[Any]:
+        """Every value, for the grid sampler.
+
+        Raises:
+            UserError: A continuous range without a step.
+        """
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            raise UserError(f"--sampler grid: dimension {self.name} is a continuous range; fix it, list its values or give it a step")
+        count = int(round((self.high - self.low) / self.step))
+        return [round(self.low + i * self.step, 12) for i in range(count + 1)]
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this dimension (for enqueued recipes)."""
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "categorical":
+            return value in self.choices
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        """A short text: ``0.05``, ``[linear, mlp]``, ``1e-05..0.01 log``."""
+        if self.kind == "fixed":
+            return repr(self.value) if isinstance(self.value, str) else f"{self.value:g}" if isinstance(self.value, float) else str(self.value)
+        if self.kind == "categorical":
+            return "[" + ", ".join(str(c) for c in self.choices) + "]"
+        return f"{self.low:g}..{self.high:g}" + (" log" if self.log else "") + (f" step {self.step:g}" if self.step else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (without ``source``), to store in the study."""
+        return {"kind": self.kind, "value": self.value, "low": self.low, "high": self.high, "log": self.log,
+                "step": self.step, "choices": list(self.choices)}
+
+
+def parse_dimension(name: str, spec: Any, integer: bool, source: str, where: str) -> Dimension:
+    """Turn a TOML-style spec into a :class:`Dimension`.
+
+    Raises:
+        UserError: The spec is malformed; the message names ``where`` it came from.
+    """
+    if isinstance(spec, (bool, int, float, str)) and not (isinstance(spec, str) and spec == "search"):
+        if isinstance(spec, float) and not math.isfinite(spec):
+            raise UserError(f"{where}: {name} = {spec} is not a finite number")
+        if integer and isinstance(spec, float) and spec != int(spec):
+            raise UserError(f"{where}: {name} must be a whole number, not {spec}")
+        return Dimension(name, "fixed", value=int(spec) if integer and not isinstance(spec, (bool, str)) else spec, source=source)
+    if isinstance(spec, list):
+        if not spec or not all(isinstance(v, (bool, int, float, str)) for v in spec):
+            raise UserError(f"{where}: {name} must list one or more plain values, got {spec!r}")
+        if len(set(map(repr, spec))) != len(spec):
+            raise UserError(f"{where}: {name} lists a value twice")
+        return Dimension(name, "categorical", choices=tuple(spec), source=source)
+    if isinstance(spec, Mapping):
+        unknown_keys = set(spec) - {"low", "high", "log", "step"}
+        if unknown_keys or "low" not in spec or "high" not in spec:
+            raise UserError(f"{where}: {name} range needs low and high (and optionally log, step), got keys {sorted(spec)}")
+        low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+        numbers = [v for v in (low, high, step) if v is not None]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) or not isinstance(log, bool):
+            raise UserError(f"{where}: {name} range needs numbers for low, high, step and true/false for log")
+        if not low < high:
+            raise UserError(f"{where}: {name} range needs low < high, got {low} and {high}")
+        if log and low <= 0:
+            raise UserError(f"{where}: {name} log range needs low > 0")
+        if step is not None and (step <= 0 or log):
+            raise UserError(f"{where}: {name} step must be positive and cannot be combined with log")
+        kind = "int" if integer else "float"
+        if integer and not all(float(v).is_integer() for v in numbers):
+            raise UserError(f"{where}: {name} is a whole-number dimension; low, high and step must be whole numbers")
+        return Dimension(name, kind, low=low, high=high, log=log, step=step, source=source)
+    raise UserError(f"{where}: {name} must be a value, a list of values or a {{low, high}} table, not {spec!r}")
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """Read ``--config`` (TOML): tables ``[search]`` and ``[space]``.
+
+    Raises:
+        UserError: Missing file, malformed TOML, or unknown tables/keys in ``[search]``.
+    """
+    if path is None:
+        return {"search": {}, "space": {}}
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        config = tomllib.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {path}: not valid TOML ({exc})") from None
+    extra = set(config) - {"search", "space"}
+    if extra:
+        key = sorted(extra)[0]
+        raise UserError(f"--config {path}: unknown table or key {key!r}{did_you_mean(key, ['search', 'space'])}; expected [search] and [space]")
+    search, space = config.get("search", {}), config.get("space", {})
+    if not isinstance(search, dict) or not isinstance(space, dict):
+        raise UserError(f"--config {path}: [search] and [space] must be tables")
+    for key in search:
+        if key not in SEARCH_KEYS:
+            raise UserError(f"--config {path}: unknown key {key!r} in [search]{did_you_mean(key, SEARCH_KEYS)}; known: {', '.join(sorted(SEARCH_KEYS))}")
+    return {"search": search, "space": space}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``--param NAME=VALUE`` with VALUE in TOML syntax (``lr={low=1e-4,high=1e-2,log=true}``).
+
+    Raises:
+        UserError: No ``=`` or a VALUE that is not TOML.
+    """
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise UserError(f"--param {text}: expected NAME=VALUE, e.g. --param lr=3e-4 or --param 'head=[\"linear\",\"mlp\"]'")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word: a string value
+    return name.strip(), parsed
+
+
+def build_space(
+    config_space: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    plugin_params: Mapping[str, Mapping[str, Any]],
+    *,
+    n_stages: int,
+    lr_ranges: Mapping[str, tuple[float, float]],
+    heads: list[str],
+    task: str,
+    where: str,
+) -> dict[str, Dimension]:
+    """Assemble the search space: built-in defaults, then the config, then the CLI.
+
+    Args:
+        config_space: The ``[space]`` table (may nest plugin tables, e.g. ``[space.sgd]``).
+        overrides: ``(spec, option)`` from ``--param`` and dedicated flags (``--head``, ...), by name.
+        plugin_params: Tunable parameters declared by head and optimizer plugins, by plugin name.
+        n_stages: The backbone's stage count (range of ``freeze_depth``).
+        lr_ranges: Each registered optimizer's learning-rate range, by name.
+        heads: Registered head names.
+        task: ``classification`` or ``regression`` (regression fixes the classification-only dimensions at 0).
+        where: ``--config PATH`` for messages.
+
+    Raises:
+        UserError: Unknown keys (with close matches) or malformed specs.
+    """
+    flat: dict[str, tuple[Any, str]] = {name: (spec, "default") for name, (spec, _, _) in DIMENSIONS.items()}
+    for plugin, params in plugin_params.items():
+        for param, spec in params.items():
+            flat[f"{plugin}.{param}"] = (spec, "default")
+    known = sorted(flat)
+    for name, spec in config_space.items():
+        if isinstance(spec, Mapping) and name in plugin_params:
+            for param, inner in spec.items():
+                key = f"{name}.{param}"
+                if key not in flat:
+                    raise UserError(f"{where}: unknown parameter {param!r} of {name} in [space.{name}]{did_you_mean(key, known)}")
+                flat[key] = (inner, "config")
+            continue
+        if name not in flat:
+            raise UserError(f"{where}: unknown key {name!r} in [space]{did_you_mean(name, known)}; see docs/search-space.md")
+        flat[name] = (spec, "config")
+    options: dict[str, str] = {}
+    for name, (spec, option) in overrides.items():
+        if name not in flat:
+            raise UserError(f"{option}: unknown parameter {name!r}{did_you_mean(name, known)}; see docs/search-space.md")
+        flat[name] = (spec, "cli")
+        options[name] = option
+    optimizers = list(lr_ranges)
+    classification_only = ("label_smoothing", "mixup", "cutmix")
+    if task == "regression":
+        for name in classification_only:
+            spec, source = flat[name]
+            if source == "default":
+                flat[name] = (0.0, "default")
+            elif spec not in (0, 0.0):
+                origin = where if source == "config" else dict(overrides).get(name, (None, "--param"))[1]
+                raise UserError(f"{origin}: {name} applies to classification only; remove it for regression")
+    space: dict[str, Dimension] = {}
+    for name, (spec, source) in sorted(flat.items(), key=lambda item: item[0] == "lr"):  # lr after optimizer
+        integer = DIMENSIONS[name][1] if name in DIMENSIONS else _is_integer_spec(spec)
+        origin = where if source == "config" else options.get(name, "--param") if source == "cli" else "default"
+        if spec == "search":
+            if name == "freeze_depth":
+                dim = Dimension(name, "int", low=0, high=n_stages, source=source)
+            elif name == "lr":
+                chosen = space["optimizer"]
+                names = [chosen.value] if chosen.kind == "fixed" else list(chosen.choices)
+                ranges = [lr_ranges[n] for n in names if n in lr_ranges] or list(lr_ranges.values())
+                dim = Dimension(name, "float", low=min(r[0] for r in ranges), high=max(r[1] for r in ranges), log=True, source=source)
+            elif name in ("head", "optimizer"):
+                dim = Dimension(name, "categorical", choices=tuple(heads if name == "head" else optimizers), source=source)
+            else:
+                raise UserError(f"{origin}: {name} has no default range; give it a {{low, high}} table or a list")
+        else:
+            dim = parse_dimension(name, spec, integer, source, origin)
+        space[name] = dim
+    _check_values(space, n_stages, heads, optimizers, where, options)
+    return dict(sorted(space.items(), key=lambda item: list(flat).index(item[0])))
+
+
+def _is_integer_spec(spec: Any) -> bool:
+    values = [spec] if not isinstance(spec, (list, Mapping)) else list(spec) if isinstance(spec, list) else [spec.get("low"), spec.get("high")]
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _check_values(
+    space: dict[str, Dimension], n_stages: int, heads: list[str], optimizers: list[str], where: str, options: Mapping[str, str]
+) -> None:
+    def values(dim: Dimension) -> list[Any]:
+        return [dim.value] if dim.kind == "fixed" else list(dim.choices) if dim.kind == "categorical" else [dim.low, dim.high]
+
+    checks = {
+        "freeze_depth": (lambda v: isinstance(v, int) and 0 <= v <= n_stages, f"between 0 and {n_stages} (the backbone's stages)"),
+        "lr": (lambda v: isinstance(v, (int, float)) and v > 0, "positive"),
+        "layer_decay": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
+        "label_smoothing": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
+        "weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
+        "batch_size": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+        "warmup": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)"),
+        "head_epochs": (lambda v: isinstance(v, int) and v >= 0, "zero or a positive integer"),
+        "randaugment": (lambda v: isinstance(v, int) and 0 <= v <= 30, "an integer magnitude 0..30"),
+        "mixup": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
+        "cutmix": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
+        "head": (lambda v: v in heads, f"a registered head ({', '.join(heads)})"),
+        "optimizer": (lambda v: v in optimizers, f"a registered optimizer ({', '.join(optimizers)})"),
+    }
+    for name, (ok, expected) in checks.items():
+        dim = space[name]
+        for value in values(dim):
+            if isinstance(value, bool) or not ok(value):
+                option = options.get(name, "--param") if dim.source == "cli" else where if dim.source == "config" else "default"
+                hint = did_you_mean(str(value), heads if name == "head" else optimizers) if name in ("head", "optimizer") else ""
+                raise UserError(f"{option}: {name} = {value!r} must be {expected}{hint}")
