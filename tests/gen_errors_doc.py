@@ -2,8 +2,8 @@
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import test_errors as t
-COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none")
-sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 30), ("Storage and studies", 30, 33), ("Weights and models", 33, 38), ("Environment", 38, 39)]
+COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md")
+sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 36), ("Storage and studies", 36, 40), ("Weights and models", 40, 45), ("Environment", 45, 46)]
 out = ["# Errors", "",
 "Every user mistake ends in one line on stderr that names the file or option and says what",
 "to do, with exit code 2 and no traceback (`tlengine --debug ...` shows it). Broken images",
@@ -20,7 +20,8 @@ for title, a, b in sections:
         out.append("| a few unreadable images (empty, truncated, not images) | `warning: skipped 3 unreadable image(s) of 29: DIR/train/class1/empty.png (UnidentifiedImageError` ... (the run goes on without them) |")
         out.append("| unusual modes: palette with transparency, CMYK, 16-bit, RGBA, greyscale; upper-case extensions; unicode names | no message: read as RGB, transparency over white, 16 bits scaled to 8 (`tests/test_images.py`) |")
     if title == "Storage and studies":
-        out.append("| an existing study made with other options (objective, data, task, direction) | `error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name` |")
+        out.append("| an existing study made with other options (objective, data, task) | `error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name` |")
+        out.append("| an existing study that searched another space | `error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name` |")
     if title == "Environment":
         out.append("| disk full while writing a checkpoint | `error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume` (the study stays consistent; the same command resumes) |")
     out.append("")

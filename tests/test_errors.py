@@ -54,6 +54,17 @@ def one_bad_image(tmp: Path) -> Path:
     return tmp / "b"
 
 
+def study_then_other_direction(tmp: Path) -> list[str]:
+    """Run a regression study minimising RMSE, then ask the same study to maximise R²."""
+    from tlengine._cli import main
+
+    rows = ["image,target"] + [f"{i % 3}.png,{i * 0.1:.1f}" for i in range(12)]
+    data = str(csv_file(tmp, "\n".join(rows)))
+    base = search("--data", data, "--task", "regression", *TINY, "--out", str(tmp), "--study-name", "s")
+    assert main(base) == 0
+    return base + ["--metric", "r2"]
+
+
 def search(*args: str) -> list[str]:
     return ["search", *args]
 
@@ -141,11 +152,25 @@ CASES = [
     Case("zero batch size", lambda t: search("--batch-size", "0"), "error: --batch-size 0: must be a positive integer"),
     Case("an image size the backbone cannot take", lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), "--backbone", "timm:test_vit", "--weights", "none", "--image-size", "33"),
          "error: --image-size 33: the backbone cannot take it"),
+    Case("malformed TOML config", lambda t: (t / "c.toml").write_text("[search\n") and search("--config", f"{t}/c.toml"),
+         "error: --config {tmp}/c.toml: not valid TOML ("),
+    Case("unknown key in the config's [space]", lambda t: (t / "c.toml").write_text("[space]\nlearning_rate = 1e-3\n") and search("--config", f"{t}/c.toml", *TINY, "--data", str(write_image_folder(t / "f", 2, 2))),
+         "error: --config {tmp}/c.toml: unknown key 'learning_rate' in [space] (did you mean 'lr'?); see docs/search-space.md"),
+    Case("unknown key in the config's [search]", lambda t: (t / "c.toml").write_text("[search]\ntrails = 3\n") and search("--config", f"{t}/c.toml"),
+         "error: --config {tmp}/c.toml: unknown key 'trails' in [search] (did you mean 'trials'?)"),
+    Case("malformed value in the config", lambda t: (t / "c.toml").write_text("[space]\nlr = {low = 1e-2, high = 1e-4}\n") and search("--config", f"{t}/c.toml", *TINY, "--data", str(write_image_folder(t / "f", 2, 2))),
+         "error: --config {tmp}/c.toml: lr range needs low < high, got 0.01 and 0.0001"),
+    Case("unknown `--param`", lambda t: search("--param", "layer_decy=0.8", *TINY, "--data", str(write_image_folder(t / "f", 2, 2))),
+         "error: --param layer_decy: unknown parameter 'layer_decy' (did you mean 'layer_decay'?); see docs/search-space.md"),
+    Case("unknown metric", lambda t: search("--metric", "acuracy", *TINY, "--data", str(write_image_folder(t / "f", 2, 2))),
+         "error: --metric: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
     Case("`--device cuda` without CUDA", lambda t: search("--device", "cuda"), "error: --device cuda: CUDA is not available on this machine; use --device cpu or auto"),
     # storage and studies
     Case("malformed storage URL", lambda t: search("--storage", "notaurl", *TINY), "error: --storage notaurl: cannot open it"),
     Case("a database that cannot be reached", lambda t: search("--storage", f"sqlite:///{t}/no/such/dir/s.db", *TINY),
          "error: --storage sqlite:///{tmp}/no/such/dir/s.db: cannot open it"),
+    Case("an existing study with the other direction", study_then_other_direction,
+         "error: --study-name s: the study minimizes, not maximizes; choose another --study-name"),
     Case("export from a study that does not exist", lambda t: ["export", "--storage", f"sqlite:///{t}/s.db", "--study-name", "nope"],
          "error: --study-name nope: no such study in sqlite:///{tmp}/s.db; it has: none"),
     # weights and models
@@ -233,5 +258,6 @@ OTHER_TESTED = {
     "warning: plugin 'tlengine_broken' from package 'tlengine-broken' failed to load and is skipped: ImportError: needs libfoo": "test_plugins.py",
     "error: plugins 'heads' and 'clash-plugin' both register the head 'linear'; uninstall one of them or leave one out with TLENGINE_PLUGINS": "test_plugins.py",
     "error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name": "test_search.py",
+    "error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name": "test_space.py",
     "error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume": "test_errors.py",
 }

@@ -41,6 +41,10 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
 }
+#: Names people use for these dimensions elsewhere, for "did you mean" hints.
+ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "freeze": "freeze_depth", "smoothing": "label_smoothing",
+           "bs": "batch_size", "lr_decay": "layer_decay", "layer_lr_decay": "layer_decay", "rand_augment": "randaugment",
+           "mixup_alpha": "mixup", "cutmix_alpha": "cutmix", "warmup_epochs": "warmup"}
 SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights"}
 
 
@@ -247,12 +251,12 @@ def build_space(
                 flat[key] = (inner, "config")
             continue
         if name not in flat:
-            raise UserError(f"{where}: unknown key {name!r} in [space]{did_you_mean(name, known)}; see docs/search-space.md")
+            raise UserError(f"{where}: unknown key {name!r} in [space]{_hint(name, known)}; see docs/search-space.md")
         flat[name] = (spec, "config")
     options: dict[str, str] = {}
     for name, (spec, option) in overrides.items():
         if name not in flat:
-            raise UserError(f"{option}: unknown parameter {name!r}{did_you_mean(name, known)}; see docs/search-space.md")
+            raise UserError(f"{option}: unknown parameter {name!r}{_hint(name, known)}; see docs/search-space.md")
         flat[name] = (spec, "cli")
         options[name] = option
     optimizers = list(lr_ranges)
@@ -286,6 +290,12 @@ def build_space(
         space[name] = dim
     _check_values(space, n_stages, heads, optimizers, where, options)
     return dict(sorted(space.items(), key=lambda item: list(flat).index(item[0])))
+
+
+def _hint(name: str, known: list[str]) -> str:
+    if name in ALIASES:
+        return f" (did you mean {ALIASES[name]!r}?)"
+    return did_you_mean(name, known)
 
 
 def _is_integer_spec(spec: Any) -> bool:
