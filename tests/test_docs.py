@@ -66,3 +66,12 @@ def test_example_runs(hook: str, register_plugin) -> None:
         model(torch.rand(3, 4)).sum().backward()
         optimizer.step()
         assert not torch.equal(before_weight, model.weight)
+
+
+def test_cli_reference_in_sync() -> None:
+    from tlengine._cli import cli_reference
+
+    doc = DOC.parent / "cli.md"
+    assert doc.read_text() == cli_reference(), (
+        "docs/cli.md is stale: python -c \"from tlengine._cli import cli_reference; print(cli_reference(), end='')\" > docs/cli.md"
+    )

@@ -84,3 +84,51 @@ def test_not_utf8(content: bytes) -> None:
         path = FOLDER / "enc.csv"
         path.write_bytes(content)
         csv_dataset(str(path), DatasetOptions())
+
+
+toml_scalars = st.one_of(st.booleans(), st.integers(-5, 2000), st.floats(allow_nan=True, allow_infinity=True, width=32),
+                         st.sampled_from(["search", "linear", "mlp", "adamw", "sgd", "x"]), st.text(max_size=5))
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["low", "high", "log", "step", "other"]), inner, max_size=4),
+    max_leaves=8,
+)
+space_keys = st.sampled_from(["freeze_depth", "lr", "layer_decay", "label_smoothing", "weight_decay", "batch_size", "head",
+                              "optimizer", "warmup", "head_epochs", "randaugment", "mixup", "cutmix", "sgd", "mlp", "lr_", "nope"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(space_keys, toml_values, max_size=5), st.sampled_from(["classification", "regression"]))
+def test_space_parser_total(config: dict, task: str) -> None:
+    """Arbitrary [space] tables give a valid space or a one-line UserError naming the config."""
+    from tlengine._space import Dimension, build_space
+
+    try:
+        space = build_space(config, {}, {"sgd": {"momentum": 0.9}, "mlp": {"hidden": 1024}}, n_stages=5,
+                            lr_ranges={"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1e-1)}, heads=["linear", "mlp"], task=task,
+                            where="--config c.toml")
+    except UserError as exc:
+        assert str(exc).startswith(("--config c.toml: ", "default: ")) and "\n" not in str(exc)
+        return
+    assert all(isinstance(d, Dimension) for d in space.values())
+    for dim in space.values():
+        if dim.kind in ("int", "float"):
+            assert dim.low < dim.high
+        if dim.kind == "categorical":
+            assert dim.choices
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_config_reader_total(text: str) -> None:
+    """Arbitrary config files are read or refused with a one-line UserError."""
+    from tlengine._space import read_config
+
+    path = FOLDER / "c.toml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass") if "\ud800" not in text else path.write_bytes(b"\xff")
+    try:
+        config = read_config(str(path))
+    except UserError as exc:
+        assert str(exc).startswith(f"--config {path}: ") and "\n" not in str(exc)
+        return
+    assert set(config) == {"search", "space"}

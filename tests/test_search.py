@@ -108,3 +108,18 @@ def test_real_data_real_weights(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["best"]["value"] > 0.75
+
+
+def test_journal_storage(tmp_path: Path, tiny_folder: Path) -> None:
+    """Optuna's journal file storage (for several processes on one machine) works for search and export."""
+    from tlengine._cli import main
+
+    storage = f"journal://{tmp_path / 'study.log'}"
+    args = ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "2",
+            "--epochs", "1", "--image-size", "32", "--out", str(tmp_path), "--study-name", "j", "--storage", storage]
+    assert main(args) == 0
+    assert (tmp_path / "study.log").stat().st_size > 0 and not (tmp_path / "j" / "study.db").exists()
+    assert main(args[:args.index("--trials") + 1] + ["3"] + args[args.index("--trials") + 2:]) == 0
+    assert len(json.loads((tmp_path / "j" / "summary.json").read_text())["trials"]) == 3
+    assert main(["export", "--storage", storage, "--study-name", "j", "--out", str(tmp_path / "e.onnx")]) == 0
+    assert (tmp_path / "e.onnx").is_file()

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    s = sub.add_parser("search", help="search freeze depth and learning rate; export the best model to ONNX")
+    s = sub.add_parser("search", help="search freeze depth, learning rate and more; export the best model to ONNX")
     s.add_argument("--data", help="image folder (train/ and val/, or class folders) or CSV file; default: the bundled demo")
     s.add_argument("--dataset", default="auto", help="dataset plugin (default: auto, chosen from --data)")
     s.add_argument("--task", choices=["classification", "regression"], help="default: the dataset's own (classification)")
@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plugins", help="list the installed plugins and what they register")
     g.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def cli_reference(width: int = 100) -> str:
+    """Markdown reference of every command and option, made from the parser itself (docs/cli.md)."""
+    import os
+
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)
+    try:
+        parser = build_parser()
+        parts = ["# Command reference", "", "Generated from the command line itself; `tests/test_docs.py` keeps it in sync.", "",
+                 "## tlengine", "", "```text", parser.format_help().rstrip(), "```", ""]
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, command in sub.choices.items():
+            parts += [f"## tlengine {name}", "", "```text", command.format_help().rstrip(), "```", ""]
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+    return "\n".join(parts)
 
 
 def _version() -> str:

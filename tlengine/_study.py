@@ -205,6 +205,23 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
+def make_storage(url: str) -> Any:
+    """The Optuna storage for ``--storage``: an RDB URL (``sqlite:///``, ``postgresql://``, ...) as it
+    is, or ``journal://PATH`` for Optuna's journal file storage (several processes, one file).
+
+    Raises:
+        UserError: A journal path whose folder does not exist.
+    """
+    if not url.startswith("journal://"):
+        return url
+    import optuna
+
+    path = Path(url.removeprefix("journal://"))
+    if not path.parent.is_dir():
+        raise UserError(f"--storage {url}: folder {path.parent} does not exist")
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
 def open_study(storage: str, study_name: str, direction: str, sampler: Any, pruner: Any, study_config: dict[str, Any]) -> Any:
     """Create the study, or load it and check that it was made for the same objective.
 
@@ -213,9 +230,11 @@ def open_study(storage: str, study_name: str, direction: str, sampler: Any, prun
     """
     import optuna
 
+    storage_object = make_storage(storage)
     try:
         study = optuna.create_study(
-            study_name=study_name, storage=storage, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
+            study_name=study_name, storage=storage_object, direction=direction, sampler=sampler, pruner=pruner,
+            load_if_exists=True,
         )
     except (ValueError, ImportError) as exc:
         raise UserError(f"--storage {storage}: cannot open it ({first_line(exc)})") from exc
@@ -273,13 +292,14 @@ def load_study(storage: str, study_name: str) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_object = make_storage(storage)
     try:
-        names = optuna.get_all_study_names(storage)
+        names = optuna.get_all_study_names(storage_object)
     except Exception as exc:
         raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
     if study_name not in names:
         raise UserError(f"--study-name {study_name}: no such study in {storage}; it has: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage_object)
     if "tlengine" not in study.user_attrs:
         raise UserError(f"--study-name {study_name}: not a tlengine study")
     return study
