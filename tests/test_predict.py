@@ -43,7 +43,7 @@ def torch_predictions(run: Path, images: list[Path]) -> list[str]:
     head = registry.heads[values["head"]].factory(backbone.num_features, len(config["classes"]), config["task"])
     model = build_model(backbone, head, config["task"])
     load_model(model, str(run / "best.safetensors"))
-    transform = eval_transform(Preprocess.from_dict(config["preprocess"]))
+    transform = eval_transform(Preprocess.from_data_config(config["data_config"], values["image_size"]))
     with torch.no_grad():
         logits = model.eval()(torch.stack([transform(load_image(p)) for p in images]))
     return [config["classes"][i] for i in logits.argmax(-1).tolist()]

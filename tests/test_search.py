@@ -123,3 +123,17 @@ def test_journal_storage(tmp_path: Path, tiny_folder: Path) -> None:
     assert len(json.loads((tmp_path / "j" / "summary.json").read_text())["trials"]) == 3
     assert main(["export", "--storage", storage, "--study-name", "j", "--out", str(tmp_path / "e.onnx")]) == 0
     assert (tmp_path / "e.onnx").is_file()
+
+
+def test_same_command_same_model(tmp_path: Path, tiny_folder: Path) -> None:
+    """Seeded trials train bit-identically (torch, numpy and Python's random, which timm's crops use)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tlengine._cli import main
+
+    for run in ("a", "b"):
+        assert main(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "2",
+                     "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / run), "--study-name", "d"]) == 0
+    first, second = (load_file(str(tmp_path / run / "d" / "trials" / "1.safetensors")) for run in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

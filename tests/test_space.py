@@ -235,3 +235,42 @@ def test_augmentation_and_mixup_train(tiny_folder: Path, tmp_path: Path) -> None
     trial = summary["trials"][0]
     assert trial["state"] == "COMPLETE" and trial["values"]["randaugment"] == 9 and trial["values"]["mixup"] == 0.4
     assert summary["metric"] == "macro_f1" and summary["config"]["class_weights"] is True
+
+
+def test_image_size_searched_and_exported_at_its_size(tiny_folder: Path, tmp_path: Path) -> None:
+    import onnx
+
+    summary = run(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none",
+                   "--param", "image_size=[32, 48]", "--sampler", "grid", "--param", "freeze_depth=3", "--param", "lr=1e-3",
+                   "--param", "layer_decay=1.0", "--param", "label_smoothing=0.0", "--trials", "2", "--epochs", "1",
+                   "--out", str(tmp_path), "--study-name", "s"])
+    assert sorted(t["params"]["image_size"] for t in summary["trials"]) == [32, 48]
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "s" / "best.onnx")).metadata_props}
+    assert json.loads(props["preprocess"])["input_size"] == summary["best"]["params"]["image_size"]
+
+
+def test_multi_objective_pareto_front(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tlengine._cli import main
+
+    args = ["search", "--data", str(tiny_folder), *TINY, "--objectives", "accuracy,params", "--param", 'head=["linear","mlp"]',
+            "--param", "mlp.hidden=[8, 512]", "--trials", "5", "--epochs", "1", "--out", str(tmp_path), "--study-name", "m"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front: accuracy vs params" in out
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["objectives"] == ["accuracy", "params"] and summary["pareto_front"]
+    trials = {t["number"]: t for t in summary["trials"] if t["state"] == "COMPLETE"}
+    assert all(t["cost"] is not None and t["cost"] > 0 and t["epochs_run"] == 1 for t in trials.values())
+    front = [trials[n] for n in summary["pareto_front"]]
+    for a in front:  # no trial on the front is dominated by another trial
+        assert not any(b["value"] >= a["value"] and b["cost"] < a["cost"] or b["value"] > a["value"] and b["cost"] <= a["cost"] for b in trials.values())
+    other = min(front, key=lambda t: t["cost"])["number"]
+    assert main(["export", "--storage", f"sqlite:///{tmp_path / 'm' / 'study.db'}", "--study-name", "m", "--trial", str(other),
+                 "--out", str(tmp_path / "cheap.onnx")]) == 0
+
+
+def test_latency_objective(tiny_folder: Path, tmp_path: Path) -> None:
+    summary = run(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--objectives", "accuracy,latency",
+                   "--param", "image_size=[32, 64]", "--trials", "2", "--epochs", "1", "--out", str(tmp_path), "--study-name", "l"])
+    costs = [t["cost"] for t in summary["trials"] if t["state"] == "COMPLETE"]
+    assert len(costs) == 2 and all(0 < c < 1000 for c in costs)

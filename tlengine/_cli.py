@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, help="short for --param batch_size=N (default: 32)")
     s.add_argument("--weight-decay", type=float, help="short for --param weight_decay=X (default: 0.01)")
     s.add_argument("--metric", help="accuracy, macro_f1, balanced_accuracy, top5 (classification); rmse, mae, r2 (regression)")
+    s.add_argument("--objectives", help="METRIC,latency or METRIC,params: a Pareto front of the metric vs ONNX CPU latency (ms) or parameters (millions)")
     s.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -135,7 +136,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         data=args.data, dataset=args.dataset, task=args.task, val_fraction=args.val_fraction,
         backbone=args.backbone, weights=args.weights, config=args.config, params=tuple(params),
         trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
-        metric=args.metric, class_weights=args.class_weights, seed=args.seed, device=args.device,
+        metric=args.metric, class_weights=args.class_weights,
+        objectives=tuple(o.strip() for o in args.objectives.split(",")) if args.objectives else None, seed=args.seed, device=args.device,
         out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
         max_bad_images=args.max_bad_images, confine_paths=args.confine_paths,
     )
@@ -160,19 +162,22 @@ def _print_results(result: Any) -> None:
     out = Console()
     table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})")
     params = [p for p in result.searched if p != "freeze_depth"]
-    for column in ("trial", "recipe", "state", "freeze depth", *params, result.metric, "epochs", "seconds"):
+    cost = result.objectives[1:] if result.objectives else ()
+    for column in ("trial", "recipe", "state", "freeze depth", *params, result.metric, *cost, "epochs", "seconds"):
         table.add_column(column.replace("_", " "), justify="left" if column in ("recipe", "state") else "right")
     stages = result.config.get("stages")
     for row in result.rows:
         best = result.best is not None and row.number == result.best.number
+        front = row.number in result.pareto
         depth = row.params.get("freeze_depth")
         table.add_row(
-            f"{'★ ' if best else ''}{row.number}",
+            f"{'★ ' if best else '◆ ' if front else ''}{row.number}",
             row.recipe or "",
             row.state.lower(),
             f"{depth}/{stages}" if depth is not None else "",
             *(_format_value(row.params.get(p)) for p in params),
             f"{row.value:.4f}" if row.value is not None else "",
+            *([f"{row.cost:.3g}" if row.cost is not None else ""] if cost else []),
             str(row.epochs_run),
             f"{row.duration_s:.1f}" if row.duration_s is not None else "",
             style="bold green" if best else None,
@@ -181,6 +186,15 @@ def _print_results(result: Any) -> None:
     if result.best is None:
         out.print("no trial completed, so nothing was exported")
         return
+    if result.pareto:
+        front = [r for r in result.rows if r.number in result.pareto]
+        pareto = Table(title=f"Pareto front: {result.metric} vs {result.objectives[1]} (◆; export one with tlengine export --trial N)")
+        for column in ("trial", result.metric, result.objectives[1], "freeze depth", *params):
+            pareto.add_column(column.replace("_", " "), justify="right")
+        for row in sorted(front, key=lambda r: r.cost):
+            pareto.add_row(str(row.number), f"{row.value:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
+                           *(_format_value(row.params.get(p)) for p in params))
+        out.print(pareto)
     out.print(f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}")
     if result.onnx_path is not None:
         parity = result.parity or {}

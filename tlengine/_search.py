@@ -16,9 +16,11 @@ from tlengine._study import (
     check_data,
     drop_unreadable,
     export_study_trial,
+    first_line,
     make_pruner,
     make_sampler,
     open_study,
+    pick_trial,
     resolve_backbone,
     resolve_dataset,
     trial_rows,
@@ -54,6 +56,7 @@ class SearchConfig:
     epochs: int | None = None
     image_size: int | None = None
     metric: str | None = None
+    objectives: tuple[str, ...] | None = None
     class_weights: bool | None = None
     sampler: str | None = None
     pruner: str | None = None
@@ -78,9 +81,50 @@ class SearchResult:
     rows: list[TrialRow]
     best: TrialRow | None
     searched: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ()
+    pareto: tuple[int, ...] = ()
     onnx_path: Path | None = None
     parity: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def parameter_count(model: Any, size: int) -> float:
+    """Millions of parameters of ``model`` (the ``params`` objective)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def onnx_latency(model: Any, size: int) -> float:
+    """Median onnxruntime CPU latency of ``model`` at batch 1, in ms (the ``latency`` objective).
+
+    The model is exported to a temporary ONNX file exactly as ``tlengine export`` would.
+    """
+    import tempfile
+
+    import torch
+
+    from tlengine._export import _torch_export, latency_ms
+    from tlengine._model import inference_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        _torch_export(inference_model(model.cpu()), torch.zeros(2, 3, size, size), path, 18, external_data=False)
+        return latency_ms(path, torch.zeros(1, 3, size, size).numpy())
+
+
+#: Second objectives of a multi-objective search, minimised.
+COSTS = {"latency": onnx_latency, "params": parameter_count}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` (timm's random resized crop draws from the latter)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _check_numbers(config: SearchConfig, options: dict[str, Any]) -> None:
@@ -145,7 +189,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
 
     file_config = read_config(config.config)
     cli = {"trials": config.trials, "epochs": config.epochs, "image_size": config.image_size, "timeout": config.timeout,
-           "sampler": config.sampler, "pruner": config.pruner, "metric": config.metric, "class_weights": config.class_weights}
+           "sampler": config.sampler, "pruner": config.pruner, "metric": config.metric, "class_weights": config.class_weights,
+           "objectives": list(config.objectives) if config.objectives else None}
     options = {**file_config["search"], **{k: v for k, v in cli.items() if v is not None}}
     _check_numbers(config, options)
     where = f"--config {config.config}"
@@ -183,29 +228,43 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         data = drop_unreadable(data, config.max_bad_images, warn)
         check_data(data, config.data or dataset_record.name)
         base = backbone_record.factory(arch, config.weights)
+    objectives = options.get("objectives")
+    if objectives is not None:
+        if not isinstance(objectives, list) or len(objectives) != 2 or objectives[1] not in COSTS:
+            raise UserError(f"--objectives {objectives}: expected METRIC,latency or METRIC,params (e.g. accuracy,latency)")
+        if options.get("metric") not in (None, objectives[0]):
+            raise UserError(f"--objectives {','.join(objectives)}: the first objective is the metric; it differs from --metric {options['metric']}")
+        options["metric"] = objectives[0]
     metric = check_metric(options.get("metric"), data.task)
     direction = METRICS[metric][1]
+    directions = [direction, "minimize"] if objectives else [direction]
     suggested = dataset_record.suggested
     data_config = resolve_data_config(model=base)
     image_size = options.get("image_size") or suggested.get("image_size") or data_config["input_size"][-1]
     epochs = options.get("epochs") or suggested.get("epochs") or DEFAULT_EPOCHS
     n_trials = options.get("trials") or suggested.get("trials") or DEFAULT_TRIALS
-    preprocess = Preprocess.from_data_config(data_config, image_size)
     stages = backbone_stages(base)
     if not stages:
         raise UserError(f"--backbone {config.backbone}: the backbone has no parameters")
-    try:
-        with torch.inference_mode():
-            base.eval()(torch.zeros(1, 3, image_size, image_size))
-    except Exception as exc:
-        raise UserError(f"--image-size {image_size}: the backbone cannot take it ({type(exc).__name__}: {exc})") from exc
     n_stages = len(stages)
     plugin_params = {r.name: dict(r.params) for r in [*registry.heads.values(), *registry.optimizers.values()] if r.params}
+    overrides = {name: (value, option) for name, value, option in config.params}
+    if config.image_size is not None:
+        overrides["image_size"] = (config.image_size, "--image-size")
     space = build_space(
-        file_config["space"], {name: (value, option) for name, value, option in config.params}, plugin_params, n_stages=n_stages,
+        file_config["space"], overrides, plugin_params, n_stages=n_stages,
         lr_ranges={name: r.lr_range for name, r in registry.optimizers.items()}, heads=list(registry.heads),
-        task=data.task, where=where,
+        task=data.task, where=where, image_size=image_size,
     )
+    size_dim = space["image_size"]
+    sizes = [size_dim.value] if not size_dim.searched else list(size_dim.choices) if size_dim.kind == "categorical" else [size_dim.low, size_dim.high]
+    for size in sizes:
+        try:
+            with torch.inference_mode():
+                base.eval()(torch.zeros(1, 3, int(size), int(size)))
+        except Exception as exc:
+            raise UserError(f"--image-size {size}: the backbone cannot take it ({type(exc).__name__}: {first_line(exc)})") from exc
+    data_config = {k: data_config[k] for k in ("mean", "std", "interpolation", "crop_pct")}
     searched = tuple(name for name, dim in space.items() if dim.searched)
     grid = {name: space[name].grid() for name in searched} if sampler_name == "grid" else None
     sampler = make_sampler(sampler_name, config.seed, grid)
@@ -230,14 +289,14 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     data_ref = str(Path(config.data).resolve()) if config.data and Path(config.data).exists() else config.data
     study_config = {
         "backbone": backbone_record.name, "arch": arch, "weights": config.weights, "task": data.task,
-        "classes": list(data.classes), "image_size": image_size, "epochs": epochs, "metric": metric,
-        "class_weights": bool(class_weights), "stages": n_stages, "preprocess": preprocess.to_dict(),
+        "classes": list(data.classes), "epochs": epochs, "metric": metric, "objectives": objectives,
+        "class_weights": bool(class_weights), "stages": n_stages, "data_config": data_config,
         "target_mean": target_mean, "target_std": target_std, "dataset": dataset_record.name, "data": data_ref,
         "val_fraction": config.val_fraction, "seed": config.seed,
         "space": {name: dim.to_dict() for name, dim in space.items()},
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, study_name, direction, sampler, pruner, study_config)
+    study = open_study(storage, study_name, directions, sampler, pruner, study_config)
 
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     if not study.trials and sampler_name != "grid":
@@ -251,22 +310,22 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     finished = sum(t.state in done_states for t in study.trials)
     remaining = max(0, n_trials - finished)
 
-    train_sets: dict[int, Any] = {}
-    val_loader = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
+    train_sets: dict[tuple[int, tuple[int, float]], Any] = {}
+    val_loaders: dict[int, Any] = {}
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     if finished:
         console.print(f"resuming study [bold]{study_name}[/]: {finished} of {n_trials} trials already finished")
     console.print(
         f"searching {n_trials} trials of {epochs} epochs over {', '.join(searched) or 'nothing'}: "
         f"{backbone_record.name}:{arch} ({n_stages} stages), {len(data.train)} train / {len(data.val)} val images, "
-        f"{image_size}px, {metric}, {device}"
+        f"{size_dim.describe()}px, {metric}{' vs ' + objectives[1] if objectives else ''}, {device}"
     )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         overall = progress.add_task("trials", total=remaining)
 
-        def objective(trial: optuna.Trial) -> float:
+        def objective(trial: optuna.Trial) -> float | tuple[float, float]:
             overrides = trial.user_attrs.get("overrides", {})
             values = {name: overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial)
                       for name, dim in space.items() if "." not in name}
@@ -278,7 +337,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             trial.set_user_attr("values", values)
             depth, head_epochs = values["freeze_depth"], values["head_epochs"]
 
-            torch.manual_seed(config.seed + trial.number)
+            seed_everything(config.seed + trial.number)
             backbone = backbone_record.factory(arch, "none")
             backbone.load_state_dict(base_state)
             freeze_stages(backbone, depth)
@@ -286,9 +345,14 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             model = build_model(backbone, head, data.task, target_mean, target_std)
             groups = param_groups(model, values["weight_decay"], values["layer_decay"])
             optimizer = opt_record.factory(groups, values["lr"], values["weight_decay"], **opt_kwargs)
-            if values["randaugment"] not in train_sets:
-                train_sets[values["randaugment"]] = make_dataset(data.train, train_transform(preprocess, values["randaugment"]), data.task)
-            train_loader = loader(train_sets[values["randaugment"]], values["batch_size"], True, device, seed=config.seed + trial.number)
+            size, augment = values["image_size"], (values["randaugment"], values["hflip"])
+            preprocess = Preprocess.from_data_config(data_config, size)
+            if size not in val_loaders:
+                val_loaders[size] = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
+            if (size, augment) not in train_sets:
+                train_sets[size, augment] = make_dataset(data.train, train_transform(preprocess, *augment), data.task)
+            train_loader = loader(train_sets[size, augment], values["batch_size"], True, device, seed=config.seed + trial.number)
+            val_loader = val_loaders[size]
             plan = TrainPlan(
                 epochs=epochs, task=data.task, metric=metric, label_smoothing=values["label_smoothing"], warmup=values["warmup"],
                 mixup=values["mixup"], cutmix=values["cutmix"], num_classes=num_outputs, class_weights=class_weights,
@@ -301,8 +365,10 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                     freeze_stages(backbone, n_stages if epoch < head_epochs else depth)
 
             def on_epoch(result: EpochResult) -> None:
-                trial.report(result.score, result.epoch)
                 progress.update(task_id, description=f"{label} · {metric} {result.score:.4f}")
+                if objectives:  # Optuna prunes single-objective studies only
+                    return
+                trial.report(result.score, result.epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
 
@@ -332,19 +398,25 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 ) from exc
             trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
             trial.set_user_attr("history", [asdict(h) for h in history])
-            console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f} ({described})")
-            return history[-1].score
+            if not objectives:
+                console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f} ({described})")
+                return history[-1].score
+            cost = COSTS[objectives[1]](model.eval(), size)
+            console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f}, {objectives[1]} {cost:.3g} ({described})")
+            return history[-1].score, cost
 
         if remaining:
             study.optimize(objective, n_trials=remaining, timeout=options.get("timeout"),
                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done_states)])
 
     rows = trial_rows(study)
-    result = SearchResult(study_name, storage, run_dir, metric, direction, rows, None, searched, config=study_config)
+    pareto = tuple(sorted(t.number for t in study.best_trials)) if objectives else ()
+    result = SearchResult(study_name, storage, run_dir, metric, direction, rows, None, searched, tuple(objectives or ()), pareto,
+                          config=study_config)
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         write_summary(result)
         return result
-    best_trial = study.best_trial
+    best_trial = pick_trial(study, "best")
     best = next(r for r in rows if r.number == best_trial.number)
     checkpoint = Path(best_trial.user_attrs.get("checkpoint", ""))
     if not checkpoint.is_file():
@@ -369,6 +441,8 @@ def write_summary(result: SearchResult) -> None:
         "metric": result.metric,
         "direction": result.direction,
         "searched": list(result.searched),
+        "objectives": list(result.objectives),
+        "pareto_front": list(result.pareto),
         "best": asdict(result.best) if result.best else None,
         "onnx": str(result.onnx_path) if result.onnx_path else None,
         "parity": result.parity,

@@ -33,11 +33,13 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "label_smoothing": ({"low": 0.0, "high": 0.2}, False, "label smoothing of the classification loss"),
     "weight_decay": (0.01, False, "weight decay (not on biases and norms)"),
     "batch_size": (32, True, "training batch size"),
+    "image_size": ("auto", True, "input side in pixels (default: [search] image_size, the dataset's suggestion, or the backbone's)"),
     "head": ("linear", False, "head plugin"),
     "optimizer": ("adamw", False, "optimizer plugin"),
     "warmup": (0.1, False, "fraction of the training steps spent in linear warmup before the cosine decay"),
     "head_epochs": (0, True, "epochs that train only the head before the chosen stages are unfrozen"),
     "randaugment": (0, True, "RandAugment magnitude (timm create_transform), 0 = off"),
+    "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label)"),
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
 }
@@ -221,6 +223,7 @@ def build_space(
     heads: list[str],
     task: str,
     where: str,
+    image_size: int = 224,
 ) -> dict[str, Dimension]:
     """Assemble the search space: built-in defaults, then the config, then the CLI.
 
@@ -233,11 +236,13 @@ def build_space(
         heads: Registered head names.
         task: ``classification`` or ``regression`` (regression fixes the classification-only dimensions at 0).
         where: ``--config PATH`` for messages.
+        image_size: The default input size (fixed unless the config or CLI searches it).
 
     Raises:
         UserError: Unknown keys (with close matches) or malformed specs.
     """
     flat: dict[str, tuple[Any, str]] = {name: (spec, "default") for name, (spec, _, _) in DIMENSIONS.items()}
+    flat["image_size"] = (image_size, "default")
     for plugin, params in plugin_params.items():
         for param, spec in params.items():
             flat[f"{plugin}.{param}"] = (spec, "default")
@@ -316,9 +321,11 @@ def _check_values(
         "label_smoothing": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
         "weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "batch_size": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+        "image_size": (lambda v: isinstance(v, int) and 8 <= v <= 4096, "a side in pixels, 8..4096"),
         "warmup": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)"),
         "head_epochs": (lambda v: isinstance(v, int) and v >= 0, "zero or a positive integer"),
         "randaugment": (lambda v: isinstance(v, int) and 0 <= v <= 30, "an integer magnitude 0..30"),
+        "hflip": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a probability in [0, 1]"),
         "mixup": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "cutmix": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "head": (lambda v: v in heads, f"a registered head ({', '.join(heads)})"),

@@ -15,7 +15,7 @@ from tlengine.plugins import Registry
 
 #: Study-config keys that define the objective: a study resumed with other values is refused.
 OBJECTIVE_KEYS = (
-    "backbone", "arch", "weights", "task", "classes", "image_size", "epochs", "metric", "class_weights",
+    "backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",
     "dataset", "data", "val_fraction", "space",
 )
 
@@ -32,6 +32,7 @@ class TrialRow:
     epochs_run: int
     recipe: str | None = None
     values: dict[str, Any] | None = None
+    cost: float | None = None
 
 
 def resolve_backbone(registry: Registry, spec: str) -> tuple[Backbone, str | None]:
@@ -222,7 +223,7 @@ def make_storage(url: str) -> Any:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def open_study(storage: str, study_name: str, direction: str, sampler: Any, pruner: Any, study_config: dict[str, Any]) -> Any:
+def open_study(storage: str, study_name: str, directions: list[str], sampler: Any, pruner: Any, study_config: dict[str, Any]) -> Any:
     """Create the study, or load it and check that it was made for the same objective.
 
     Raises:
@@ -233,7 +234,7 @@ def open_study(storage: str, study_name: str, direction: str, sampler: Any, prun
     storage_object = make_storage(storage)
     try:
         study = optuna.create_study(
-            study_name=study_name, storage=storage_object, direction=direction, sampler=sampler, pruner=pruner,
+            study_name=study_name, storage=storage_object, directions=directions, sampler=sampler, pruner=pruner,
             load_if_exists=True,
         )
     except (ValueError, ImportError) as exc:
@@ -244,8 +245,10 @@ def open_study(storage: str, study_name: str, direction: str, sampler: Any, prun
     if saved is None:
         study.set_user_attr("tlengine", study_config)
         return study
-    if study.direction.name.lower() != direction:
-        raise UserError(f"--study-name {study_name}: the study {study.direction.name.lower()}s, not {direction}s; choose another --study-name")
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
+        have, want = " and ".join(f"{d}s" for d in existing), " and ".join(f"{d}s" for d in directions)
+        raise UserError(f"--study-name {study_name}: the study {have}, not {want}; choose another --study-name")
     for key in OBJECTIVE_KEYS:
         if saved.get(key) != study_config.get(key):
             if key == "space":
@@ -273,9 +276,10 @@ def trial_rows(study: Any) -> list[TrialRow]:
                 number=t.number,
                 state=t.state.name,
                 params=dict(t.params),
-                value=t.value if t.values is not None else None,
+                value=t.values[0] if t.values else None,
+                cost=t.values[1] if t.values and len(t.values) > 1 else None,
                 duration_s=duration,
-                epochs_run=len(t.intermediate_values),
+                epochs_run=len(t.intermediate_values) or len(t.user_attrs.get("history", ())),
                 recipe=t.user_attrs.get("recipe"),
                 values=t.user_attrs.get("values"),
             )
@@ -317,7 +321,11 @@ def pick_trial(study: Any, which: str) -> Any:
     if not complete:
         raise UserError(f"study {study.study_name}: no trial has completed yet")
     if which == "best":
-        return study.best_trial
+        if len(study.directions) == 1:
+            return study.best_trial
+        # multi-objective: the Pareto-optimal trial with the best metric
+        sign = 1 if study.directions[0].name == "MAXIMIZE" else -1
+        return max(study.best_trials, key=lambda t: sign * t.values[0])
     numbers = {t.number: t for t in complete}
     try:
         number = int(which)
@@ -355,7 +363,8 @@ def export_study_trial(
             raise UserError(f"the study's dataset plugin {config['dataset']!r} is not installed")
         options = DatasetOptions(config["task"], config.get("val_fraction", 0.2), config.get("seed", 0))
         data = registry.datasets[config["dataset"]].factory(config["data"], options)
-    preprocess = Preprocess.from_dict(config["preprocess"])
+    values = trial.user_attrs.get("values", trial.params)
+    preprocess = Preprocess.from_data_config(config["data_config"], values["image_size"])
     val_images = np.stack([preprocess(item) for item in data.val.images])
     dtype = np.int64 if config["task"] == "classification" else np.float32
     val_targets = np.asarray(list(data.val.targets), dtype=dtype)
@@ -363,18 +372,17 @@ def export_study_trial(
     if variant == "int8-static":
         picks = random.Random(0).sample(range(len(data.train)), min(128, len(data.train)))
         calibration = np.stack([preprocess(data.train.images[i]) for i in picks])
-    values = trial.user_attrs.get("values", trial.params)
     model = trial_model(registry, config, values, Path(trial.user_attrs.get("checkpoint", "")))
     metadata = {
         "labels": config["classes"],
         "task": config["task"],
-        "preprocess": config["preprocess"],
+        "preprocess": preprocess.to_dict(),
         "backbone": f"{config['backbone']}:{config['arch']}" if config["arch"] else config["backbone"],
         "head": values["head"],
         "params": trial.params,
         "values": values,
         "metric": config["metric"],
-        "metric_value": trial.value,
+        "metric_value": trial.values[0],
         "study_name": study.study_name,
         "trial_number": trial.number,
         "tlengine_version": version(),

@@ -119,15 +119,16 @@ def make_dataset(split: Split, transform: Callable[[Any], Any], task: str) -> An
     return SplitDataset()
 
 
-def train_transform(preprocess: Preprocess, randaugment: int = 0) -> Any:
-    """timm's training transform: random resized crop, flip, and RandAugment at ``randaugment`` magnitude (0 = off)."""
+def train_transform(preprocess: Preprocess, randaugment: int = 0, hflip: float = 0.5) -> Any:
+    """timm's training transform: random resized crop, horizontal flip with probability ``hflip``,
+    and RandAugment at ``randaugment`` magnitude (0 = off)."""
     from timm.data import create_transform
 
     return create_transform(
         preprocess.input_size,
         is_training=True,
         scale=(0.5, 1.0),
-        hflip=0.5,
+        hflip=hflip,
         color_jitter=None,
         auto_augment=f"rand-m{randaugment}-n2-mstd0.5" if randaugment else None,
         interpolation=preprocess.interpolation,
