@@ -165,6 +165,7 @@ CASES = [
     Case("unknown metric", lambda t: search("--metric", "acuracy", *TINY, "--data", str(write_image_folder(t / "f", 2, 2))),
          "error: --metric: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
     Case("`--device cuda` without CUDA", lambda t: search("--device", "cuda"), "error: --device cuda: CUDA is not available on this machine; use --device cpu or auto"),
+    Case("`--devices` without CUDA", lambda t: search("--devices", "0,1"), "error: --devices 0,1: CUDA is not available on this machine; use --workers N to run several workers on the CPU"),
     # storage and studies
     Case("malformed storage URL", lambda t: search("--storage", "notaurl", *TINY), "error: --storage notaurl: cannot open it"),
     Case("a database that cannot be reached", lambda t: search("--storage", f"sqlite:///{t}/no/such/dir/s.db", *TINY),

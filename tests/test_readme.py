@@ -21,5 +21,7 @@ def test_readme_has_two_commands() -> None:
 
 
 def test_ci_runs_exactly_the_readme_commands() -> None:
-    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    # Besides the two commands, CI only starts services the tests use (`eval "$(bash .ci/SERVICE)"`).
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line and not line.startswith(("#", "set ", "cd ", 'eval "$(bash .ci/'))]
     assert lines == readme_commands()

@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", help="median, hyperband or none (default: median)")
     s.add_argument("--out", default="runs", help="output folder; results go to OUT/STUDY/ (default: runs)")
     s.add_argument("--study-name", help="default: DATA-ARCH")
-    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)")
+    s.add_argument("--storage", help="Optuna storage URL: sqlite:///FILE, journal://FILE, postgresql://... "
+                   "(default: sqlite:///OUT/STUDY/study.db; journal://OUT/STUDY/study.journal with --workers); see docs/storage.md")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes on this machine sharing the study (default: 1); on more machines, start the same command on each with one --storage")
+    s.add_argument("--devices", help="CUDA devices, one worker each: 0,1,2,3")
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers for the processes it starts
     s.add_argument("--max-bad-images", type=float, default=0.01,
                    help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
     s.add_argument("--confine-paths", action="store_true", help="refuse CSV image paths outside the CSV's folder")
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
     e.add_argument("--study-name", required=True, help="the study")
-    e.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RUNS/STUDY/study.db)")
+    e.add_argument("--storage", help="Optuna storage URL (default: RUNS/STUDY/study.db, or its study.journal)")
     e.add_argument("--runs", default="runs", help="where the default storage lives (default: runs)")
     e.add_argument("--trial", default="best", help="trial number, or best (default: best)")
     e.add_argument("--out", help="the .onnx file to write (default: beside the study, trial-N[.fp16|.int8].onnx)")
@@ -122,7 +127,7 @@ def _version() -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tlengine._search import SearchConfig, run_search
+    from tlengine._search import SearchConfig, SearchInterrupted, run_search
     from tlengine.plugins import failures
 
     console = Console(stderr=True)
@@ -139,20 +144,33 @@ def _cmd_search(args: argparse.Namespace) -> int:
         metric=args.metric, class_weights=args.class_weights,
         objectives=tuple(o.strip() for o in args.objectives.split(",")) if args.objectives else None, seed=args.seed, device=args.device,
         out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-        max_bad_images=args.max_bad_images, confine_paths=args.confine_paths,
+        max_bad_images=args.max_bad_images, confine_paths=args.confine_paths, workers=args.workers,
+        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else None,
+        worker=args.worker, argv=tuple(args.argv),
     )
     try:
         result = run_search(config, console)
-    except KeyboardInterrupt:
-        console.print("\ninterrupted: finished trials are kept in the study; run the same command again to continue")
+    except SearchInterrupted as exc:
+        if args.worker is None:
+            console.print(f"\ninterrupted: {exc}; finished trials are kept. Resume with:\n  {_resume_command(args.argv)}",
+                          markup=False, highlight=False, soft_wrap=True)
         return 130
     finally:
         _warn_failures(failures)
+    if args.worker is not None:
+        return 0
     if args.json:
         print((result.run_dir / "summary.json").read_text(), end="")
         return 0
     _print_results(result)
     return 0
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes a search: the same one."""
+    import shlex
+
+    return shlex.join(["tlengine", *argv])
 
 
 def _print_results(result: Any) -> None:
@@ -220,15 +238,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tlengine._study import export_study_trial, load_study, pick_trial
+    from tlengine._study import export_study_trial, load_study, pick_trial, study_storage
     from tlengine.plugins import get_registry
 
     if args.precision == "fp16" and args.quantize == "int8":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; pick one")
     variant = "fp16" if args.precision == "fp16" else f"int8-{args.calibration}" if args.quantize == "int8" else None
-    storage = args.storage or f"sqlite:///{(Path(args.runs) / args.study_name / 'study.db').resolve()}"
-    if not args.storage and not (Path(args.runs) / args.study_name / "study.db").is_file():
-        raise UserError(f"--study-name {args.study_name}: no study database at {Path(args.runs) / args.study_name}; pass --storage")
+    storage = study_storage(args.storage, args.runs, args.study_name)
     study = load_study(storage, args.study_name)
     trial = pick_trial(study, args.trial)
     if args.out:
@@ -342,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     exits 2; any other exception prints one line and exits 1; ``--debug`` re-raises.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 0

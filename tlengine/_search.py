@@ -14,6 +14,7 @@ from tlengine._records import DatasetOptions
 from tlengine._study import (
     TrialRow,
     check_data,
+    default_storage,
     drop_unreadable,
     export_study_trial,
     first_line,
@@ -67,6 +68,14 @@ class SearchConfig:
     storage: str | None = None
     max_bad_images: float = 0.01
     confine_paths: bool = False
+    workers: int = 1
+    devices: tuple[str, ...] | None = None
+    worker: int | None = None
+    argv: tuple[str, ...] = ()
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C stopped the search after checkpointing; the message says how far it got."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,114 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _Surplus(Exception):
+    """A worker asked for a trial after the others had already taken the study's last ones."""
+
+
+def _keep_for_resume(study: Any, number: int | None, always: bool) -> None:
+    """After a trial stopped unfinished (Ctrl-C, a full disk), enqueue its retry, which resumes from its checkpoint."""
+    from optuna.trial import TrialState
+
+    from tlengine._resume import fail_and_retry, retry
+
+    if number is None:
+        return
+    trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    if trial.state == TrialState.RUNNING:
+        fail_and_retry(study, number, "stopped")
+    elif trial.state == TrialState.FAIL and (always or "resumable" in trial.user_attrs):
+        retry(study, number)
+
+
+def _without(argv: tuple[str, ...], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given options and their values (``--opt V`` and ``--opt=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
+            out.append(arg)
+    return out
+
+
+def _run_workers(config: SearchConfig, study: Any, storage: str, study_name: str, workers: int, n_trials: int,
+                 remaining: int, console: Any) -> None:
+    """Run ``workers`` copies of this search as processes on this machine (one per ``--devices`` entry on CUDA),
+    sharing the study through its storage; show their combined progress and wait for them.
+
+    Each worker is ``tlengine search`` with the same options: Optuna's storage hands out
+    the trials, so nothing here schedules anything.
+
+    Raises:
+        SearchInterrupted: Ctrl-C (forwarded to every worker, which checkpoints its trial).
+        UserError: A worker failed.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import optuna
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tlengine._resume import catch_interrupts
+
+    argv = _without(config.argv, ("--workers", "--devices", "--storage", "--study-name"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs: list[subprocess.Popen] = []
+    for i in range(workers):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        command = [sys.executable, "-m", "tlengine", *argv, "--storage", storage, "--study-name", study_name, "--worker", str(i)]
+        if config.devices:
+            env["CUDA_VISIBLE_DEVICES"] = config.devices[i]
+            command += ["--device", "cuda"]
+        else:
+            env["OMP_NUM_THREADS"] = str(threads)
+        # A session of its own: one Ctrl-C reaches each worker once, forwarded from here.
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    console.print(f"started {workers} workers on study [bold]{study_name}[/] ({storage})")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    with Progress(*columns, console=console, transient=False) as progress:
+        def relay(proc: subprocess.Popen) -> None:
+            for line in proc.stdout:
+                progress.console.print(line.rstrip(), markup=False, highlight=False, soft_wrap=True)
+
+        relays = [threading.Thread(target=relay, args=(p,), daemon=True) for p in procs]
+        for thread in relays:
+            thread.start()
+        task = progress.add_task(f"trials ({workers} workers)", total=remaining)
+        forward = lambda: [p.send_signal(signal.SIGINT) for p in procs if p.poll() is None]  # noqa: E731
+        with catch_interrupts(forward) as stop:
+            try:
+                while any(p.poll() is None for p in procs):
+                    finished = len(study.get_trials(deepcopy=False, states=done_states))
+                    progress.update(task, completed=max(0, finished - (n_trials - remaining)))
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGINT)
+                for p in procs:
+                    p.wait()
+                raise SearchInterrupted("workers stopped at once; their running trials resume from their last epochs") from None
+            for thread in relays:
+                thread.join()
+    codes = [p.returncode for p in procs]
+    if stop() or 130 in codes:
+        raise SearchInterrupted("each worker saved its trial's checkpoint")
+    failed = [(i, code) for i, code in enumerate(codes) if code != 0]
+    if failed:
+        i, code = failed[0]
+        raise UserError(f"--workers {workers}: worker {i} stopped with exit code {code} (its message is above); "
+                        "finished trials are kept, run the same command again to resume")
+
+
 def _check_numbers(config: SearchConfig, options: dict[str, Any]) -> None:
     for option in ("trials", "epochs", "image_size"):
         value = options.get(option)
@@ -144,6 +261,8 @@ def _check_numbers(config: SearchConfig, options: dict[str, Any]) -> None:
         raise UserError(f"--val-fraction {config.val_fraction}: must be between 0 and 1")
     if config.task not in (None, "classification", "regression"):
         raise UserError(f"--task {config.task}: expected classification or regression")
+    if config.workers < 1:
+        raise UserError(f"--workers {config.workers}: must be a positive integer")
 
 
 def _recipes(space: dict[str, Any], n_stages: int, epochs: int, default_lr: float) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -214,12 +333,16 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     from timm.data import resolve_data_config
 
     from tlengine._model import build_model
+    from tlengine._resume import catch_interrupts, load_checkpoint, recover_dead_workers, retried_from, save_checkpoint, worker_identity
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import (
-        EpochResult, TrainPlan, eval_tensors, fit, loader, make_dataset, param_groups, resolve_device, train_transform,
+        EpochResult, OutOfMemory, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, make_dataset, param_groups, resolve_device,
+        train_transform,
     )
 
     device = resolve_device(config.device)
+    if config.devices and config.worker is None and not torch.cuda.is_available():
+        raise UserError(f"--devices {','.join(config.devices)}: CUDA is not available on this machine; use --workers N to run several workers on the CPU")
     torch.manual_seed(config.seed)
     with console.status("loading data and backbone"):
         dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths)
@@ -285,7 +408,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         (run_dir / "trials").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {config.out}: cannot create {run_dir} ({exc.strerror}); choose a writable folder") from exc
-    storage = config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    workers = len(config.devices) if config.devices else config.workers
+    storage = config.storage or default_storage(run_dir, workers)
     data_ref = str(Path(config.data).resolve()) if config.data and Path(config.data).exists() else config.data
     study_config = {
         "backbone": backbone_record.name, "arch": arch, "weights": config.weights, "task": data.task,
@@ -296,10 +420,13 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         "space": {name: dim.to_dict() for name, dim in space.items()},
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, study_name, directions, sampler, pruner, study_config)
+    study, created = open_study(storage, study_name, directions, sampler, pruner, study_config)
+    recovered = recover_dead_workers(study)
+    if recovered:
+        console.print(f"trial(s) {', '.join(map(str, recovered))} lost their worker; each resumes from its last checkpoint")
 
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if not study.trials and sampler_name != "grid":
+    if created and sampler_name != "grid":
         # The recipes a user would try by hand run first, so the search never does worse than them.
         optimizer_dim = space["optimizer"]
         first_optimizer = optimizer_dim.value if not optimizer_dim.searched else optimizer_dim.choices[0]
@@ -309,23 +436,47 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             study.enqueue_trial(params, user_attrs={"recipe": recipe, "overrides": overrides})
     finished = sum(t.state in done_states for t in study.trials)
     remaining = max(0, n_trials - finished)
+    worker_label = f"worker {config.worker}: " if config.worker is not None else ""
+    if workers > 1 and config.worker is None:
+        _run_workers(config, study, storage, study_name, workers, n_trials, remaining, console)
+        remaining = 0
 
     train_sets: dict[tuple[int, tuple[int, float]], Any] = {}
     val_loaders: dict[int, Any] = {}
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    if finished:
+    if finished and config.worker is None:
         console.print(f"resuming study [bold]{study_name}[/]: {finished} of {n_trials} trials already finished")
-    console.print(
-        f"searching {n_trials} trials of {epochs} epochs over {', '.join(searched) or 'nothing'}: "
-        f"{backbone_record.name}:{arch} ({n_stages} stages), {len(data.train)} train / {len(data.val)} val images, "
-        f"{size_dim.describe()}px, {metric}{' vs ' + objectives[1] if objectives else ''}, {device}"
-    )
+    if remaining:
+        console.print(
+            f"{worker_label}searching {n_trials} trials of {epochs} epochs over {', '.join(searched) or 'nothing'}: "
+            f"{backbone_record.name}:{arch} ({n_stages} stages), {len(data.train)} train / {len(data.val)} val images, "
+            f"{size_dim.describe()}px, {metric}{' vs ' + objectives[1] if objectives else ''}, {device}"
+        )
 
+    running: dict[str, Any] = {}  # the trial this worker runs, for Ctrl-C and failures
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=config.worker is not None) as progress:
         overall = progress.add_task("trials", total=remaining)
 
         def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+            running.clear()
+            running["number"] = trial.number
+            trial.set_user_attr("worker", worker_identity())
+            # --trials is the study's total: count the trials finished or running ahead of this one, and the
+            # retries of stopped trials still waiting (they resume work already done, so they go first).
+            system_attrs = study._storage.get_trial(trial._trial_id).system_attrs
+            states = (*done_states, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+            others = study.get_trials(deepcopy=False, states=states)
+            ahead = [t for t in others if t.state in done_states or t.state.name == "RUNNING" and t.number < trial.number]
+            retries = [] if "failed_trial" in system_attrs else [
+                t for t in others if t.state.name == "WAITING" and "failed_trial" in t.system_attrs]
+            if len(ahead) + len(retries) >= n_trials:
+                if not retries:  # the other workers finish the study
+                    study.stop()
+                trial.set_user_attr("surplus", True)
+                if "fixed_params" in system_attrs:  # enqueued work (a recipe, a retry) stays queued
+                    study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k not in ("surplus", "worker")})
+                raise _Surplus(f"the study already has its {n_trials} trials")
             overrides = trial.user_attrs.get("overrides", {})
             values = {name: overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial)
                       for name, dim in space.items() if "." not in name}
@@ -357,8 +508,35 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 epochs=epochs, task=data.task, metric=metric, label_smoothing=values["label_smoothing"], warmup=values["warmup"],
                 mixup=values["mixup"], cutmix=values["cutmix"], num_classes=num_outputs, class_weights=class_weights,
             )
+            described = f"depth {depth}/{n_stages}, lr {values['lr']:.1e}"
+            resume, origin = None, retried_from(trial)
+            previous = Path(trial.user_attrs.get("epoch_checkpoint", "")) if origin is not None else None
+            if previous is not None and previous.is_file():
+                try:
+                    resume = load_checkpoint(previous, model)
+                except Exception as exc:  # a damaged checkpoint costs the epochs it held, not the trial
+                    console.print(f"{worker_label}trial {trial.number}: cannot read {previous} ({first_line(exc)}); starting it afresh")
+                else:
+                    trial.set_user_attr("resumed_from", {"trial": origin, "epoch": resume.epoch, "step": resume.step})
+                    console.print(f"{worker_label}trial {trial.number} resumes trial {origin} at epoch {resume.epoch + 1}"
+                                  + (f", batch {resume.step + 1}" if resume.step else ""))
+            epoch_checkpoint = run_dir / "trials" / f"{trial.number}.last.safetensors"
+            trial.set_user_attr("epoch_checkpoint", str(epoch_checkpoint.resolve()))
+            for epoch_result in resume.history if resume else ():
+                trial.report(epoch_result.score, epoch_result.epoch) if not objectives else None
             label = f"trial {trial.number} · depth {depth}/{n_stages} · lr {values['lr']:.1e}"
-            task_id = progress.add_task(label, total=epochs * max(1, len(train_loader)))
+            steps = max(1, len(train_loader))
+            task_id = progress.add_task(label, total=epochs * steps, completed=(resume.epoch * steps + resume.step) if resume else 0)
+
+            def save(state: Any) -> None:
+                try:
+                    save_checkpoint(epoch_checkpoint, model, state)
+                except OSError as exc:
+                    trial.set_user_attr("resumable", "its checkpoint could not be written")
+                    raise UserError(
+                        f"{epoch_checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
+                        "free some space and run the same command again to resume"
+                    ) from exc
 
             def on_epoch_start(epoch: int) -> None:
                 if head_epochs:
@@ -372,17 +550,27 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
 
-            described = f"depth {depth}/{n_stages}, lr {values['lr']:.1e}"
+            def on_backoff(micro: int) -> None:
+                trial.set_user_attr("micro_batch", micro)
+                console.print(f"{worker_label}trial {trial.number}: out of memory; micro-batch {micro} with gradient accumulation "
+                              f"(effective batch {values['batch_size']})")
+
             try:
-                history = fit(model, optimizer, train_loader, val_loader, plan, device=device,
-                              on_step=lambda: progress.advance(task_id), on_epoch=on_epoch, on_epoch_start=on_epoch_start)
-            except FloatingPointError as exc:
+                history = fit(model, optimizer, train_loader, val_loader, plan, device=device, resume=resume, save=save,
+                              should_stop=stop, on_step=lambda: progress.advance(task_id), on_epoch=on_epoch,
+                              on_epoch_start=on_epoch_start, on_backoff=on_backoff)
+            except (FloatingPointError, OutOfMemory) as exc:
                 trial.set_user_attr("prune_reason", str(exc))
-                console.print(f"trial {trial.number}: pruned, {exc} ({described})")
+                console.print(f"{worker_label}trial {trial.number}: pruned, {exc} ({described})")
+                epoch_checkpoint.unlink(missing_ok=True)
                 raise optuna.TrialPruned(str(exc)) from exc
             except optuna.TrialPruned as exc:
                 trial.set_user_attr("prune_reason", str(exc))
-                console.print(f"trial {trial.number}: {exc} ({described})")
+                console.print(f"{worker_label}trial {trial.number}: {exc} ({described})")
+                epoch_checkpoint.unlink(missing_ok=True)
+                raise
+            except TrialInterrupted as exc:
+                trial.set_user_attr("resumable", str(exc))
                 raise
             finally:
                 progress.remove_task(task_id)
@@ -392,22 +580,49 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                 save_model(model.cpu(), str(checkpoint))
             except OSError as exc:
                 checkpoint.unlink(missing_ok=True)
+                trial.set_user_attr("resumable", "its checkpoint could not be written")
                 raise UserError(
                     f"{checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
                     "free some space and run the same command again to resume"
                 ) from exc
             trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
             trial.set_user_attr("history", [asdict(h) for h in history])
+            epoch_checkpoint.unlink(missing_ok=True)
+            if previous is not None:
+                previous.unlink(missing_ok=True)
             if not objectives:
-                console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f} ({described})")
+                console.print(f"{worker_label}trial {trial.number}: {metric} {history[-1].score:.4f} ({described})")
                 return history[-1].score
             cost = COSTS[objectives[1]](model.eval(), size)
-            console.print(f"trial {trial.number}: {metric} {history[-1].score:.4f}, {objectives[1]} {cost:.3g} ({described})")
+            console.print(f"{worker_label}trial {trial.number}: {metric} {history[-1].score:.4f}, {objectives[1]} {cost:.3g} ({described})")
             return history[-1].score, cost
 
+        def first_interrupt() -> None:
+            if "number" in running:
+                console.print(f"stopping: saving trial {running['number']}'s checkpoint first (Ctrl-C again to stop at once)")
+
+        def stop_between_trials(study: Any, trial: Any) -> None:
+            if stop():
+                study.stop()
+
         if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=options.get("timeout"),
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done_states)])
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # a surplus trial is not a failure to report
+            with catch_interrupts(first_interrupt) as stop:
+                try:
+                    study.optimize(objective, timeout=options.get("timeout"), catch=(_Surplus,),
+                                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done_states), stop_between_trials])
+                except (TrialInterrupted, KeyboardInterrupt, UserError) as exc:
+                    _keep_for_resume(study, running.get("number"), always=not isinstance(exc, UserError))
+                    if isinstance(exc, UserError):
+                        raise
+                    raise SearchInterrupted(
+                        f"trial {running['number']}'s checkpoint saved" if isinstance(exc, TrialInterrupted)
+                        else "stopped at once; the running trial resumes from its last epoch"
+                    ) from exc
+                if stop():
+                    raise SearchInterrupted("stopped between trials")
+            if config.worker is not None:
+                return SearchResult(study_name, storage, run_dir, metric, direction, [], None, searched, config=study_config)
 
     rows = trial_rows(study)
     pareto = tuple(sorted(t.number for t in study.best_trials)) if objectives else ()
@@ -420,7 +635,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     best = next(r for r in rows if r.number == best_trial.number)
     checkpoint = Path(best_trial.user_attrs.get("checkpoint", ""))
     if not checkpoint.is_file():
-        console.print(f"[yellow]warning:[/] the best trial's checkpoint {checkpoint} is not on this machine; not exporting")
+        console.print(f"[yellow]warning:[/] the best trial's checkpoint {checkpoint} is not on this machine; not exporting "
+                      f"(export it where it is: tlengine export --storage URL --study-name {study_name} --trial {best_trial.number})")
         result = SearchResult(**{**result.__dict__, "best": best})
         write_summary(result)
         return result

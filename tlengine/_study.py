@@ -207,44 +207,79 @@ def first_line(exc: BaseException) -> str:
 
 
 def make_storage(url: str) -> Any:
-    """The Optuna storage for ``--storage``: an RDB URL (``sqlite:///``, ``postgresql://``, ...) as it
-    is, or ``journal://PATH`` for Optuna's journal file storage (several processes, one file).
+    """The Optuna storage for ``--storage``: an RDB URL (``sqlite:///``, ``postgresql://``, ...), or
+    ``journal://PATH`` for Optuna's journal file storage (several processes, one file); both with a
+    heartbeat that fails and retries the trials of dead workers (see :mod:`tlengine._resume`).
 
     Raises:
         UserError: A journal path whose folder does not exist.
     """
-    if not url.startswith("journal://"):
-        return url
-    import optuna
+    from tlengine._resume import journal_storage, rdb_storage
 
+    if not url.startswith("journal://"):
+        return rdb_storage(url)
     path = Path(url.removeprefix("journal://"))
     if not path.parent.is_dir():
         raise UserError(f"--storage {url}: folder {path.parent} does not exist")
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return journal_storage(str(path))
 
 
-def open_study(storage: str, study_name: str, directions: list[str], sampler: Any, pruner: Any, study_config: dict[str, Any]) -> Any:
+def default_storage(run_dir: Path, workers: int = 1) -> str:
+    """The storage of a run folder when ``--storage`` is not given: its SQLite database, or its
+    journal file when it has one or when several workers will share it."""
+    journal = run_dir / "study.journal"
+    if not (run_dir / "study.db").is_file() and (journal.is_file() or workers > 1):
+        return f"journal://{journal.resolve()}"
+    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def study_storage(storage: str | None, runs: str, study_name: str) -> str:
+    """``--storage`` as given, or the storage in ``RUNS/STUDY/`` for commands that read a study.
+
+    Raises:
+        UserError: No ``--storage`` and no study in ``RUNS/STUDY/``.
+    """
+    if storage:
+        return storage
+    run_dir = Path(runs) / study_name
+    if not (run_dir / "study.db").is_file() and not (run_dir / "study.journal").is_file():
+        raise UserError(f"--study-name {study_name}: no study database at {run_dir}; pass --storage")
+    return default_storage(run_dir)
+
+
+def open_study(
+    storage: str, study_name: str, directions: list[str], sampler: Any, pruner: Any, study_config: dict[str, Any]
+) -> tuple[Any, bool]:
     """Create the study, or load it and check that it was made for the same objective.
+
+    Returns:
+        ``(study, created)``: ``created`` is true for the one worker that made the study
+        (it enqueues the opening recipes, so several workers starting together enqueue them once).
 
     Raises:
         UserError: The storage cannot be opened, or the study was made with other options.
     """
     import optuna
 
-    storage_object = make_storage(storage)
+    storage_object = None
     try:
-        study = optuna.create_study(
-            study_name=study_name, storage=storage_object, directions=directions, sampler=sampler, pruner=pruner,
-            load_if_exists=True,
-        )
+        storage_object = make_storage(storage)
+        try:
+            study = optuna.create_study(study_name=study_name, storage=storage_object, directions=directions, sampler=sampler, pruner=pruner)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=study_name, storage=storage_object, sampler=sampler, pruner=pruner)
+            created = False
+    except UserError:
+        raise
     except (ValueError, ImportError) as exc:
         raise UserError(f"--storage {storage}: cannot open it ({first_line(exc)})") from exc
     except Exception as exc:  # database drivers raise their own types
         raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
     saved = study.user_attrs.get("tlengine")
-    if saved is None:
+    if created or saved is None:  # saved is None: the creator is a moment behind, or an empty study
         study.set_user_attr("tlengine", study_config)
-        return study
+        return study, created
     existing = [d.name.lower() for d in study.directions]
     if existing != directions:
         have, want = " and ".join(f"{d}s" for d in existing), " and ".join(f"{d}s" for d in directions)
@@ -261,14 +296,14 @@ def open_study(storage: str, study_name: str, directions: list[str], sampler: An
                 f"--study-name {study_name}: this study was made with {key}={saved.get(key)!r}, "
                 f"not {study_config.get(key)!r}; rerun with the same options or choose another --study-name"
             )
-    return study
+    return study, False
 
 
 def trial_rows(study: Any) -> list[TrialRow]:
     """The study's trials (enqueued ones not yet run are left out), for tables and summaries."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.state == t.state.WAITING:  # an enqueued recipe not run yet
+        if t.state == t.state.WAITING or t.user_attrs.get("surplus"):  # not run yet; or asked for after the study was full
             continue
         duration = t.duration.total_seconds() if t.duration is not None else None
         rows.append(
@@ -296,9 +331,11 @@ def load_study(storage: str, study_name: str) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_object = make_storage(storage)
     try:
+        storage_object = make_storage(storage)
         names = optuna.get_all_study_names(storage_object)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
     if study_name not in names:

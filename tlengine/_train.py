@@ -199,17 +199,106 @@ def evaluate(model: Any, val_loader: Any, metric: str, device: str) -> tuple[flo
     model.eval()
     dtype = amp_dtype(device)
     outputs, targets = [], []
+    chunk = None  # halved on out-of-memory, like training's micro-batch
     with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
         for x, y in val_loader:
             x = x.to(device, non_blocking=True)
             if device.startswith("cuda"):
                 x = x.contiguous(memory_format=torch.channels_last)
-            outputs.append(model(x).float().cpu())
+            while True:
+                try:
+                    outputs.append(torch.cat([model(part).float().cpu() for part in x.split(chunk or len(x))]))
+                    break
+                except RuntimeError as exc:
+                    chunk = (chunk or len(x)) // 2
+                    if not _is_oom(exc) or chunk < 1:
+                        raise
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
             targets.append(y)
     out, target = torch.cat(outputs), torch.cat(targets)
     if model.task == "regression":
         out = out.squeeze(-1) * model.target_std.cpu() + model.target_mean.cpu()
     return score(metric, out, target), out
+
+
+#: Below this micro-batch, a trial that runs out of memory is pruned instead of retried.
+MIN_MICRO_BATCH = 2
+
+
+class TrialInterrupted(Exception):
+    """The user pressed Ctrl-C; the training state was handed to ``save`` first."""
+
+
+class OutOfMemory(RuntimeError):
+    """Out of memory even at :data:`MIN_MICRO_BATCH`."""
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything besides the weights that a trial needs to continue where it stopped.
+
+    Attributes:
+        epoch: The epoch to continue with (epochs before it are finished).
+        step: Batches of ``epoch`` already trained (0 at an epoch end).
+        updates: Optimizer updates so far (the LR schedule's position).
+        micro_batch: The micro-batch after out-of-memory backoff, or ``None`` (whole batches).
+        history: The finished epochs.
+        optimizer: The optimizer's ``state_dict()``.
+        scaler: The fp16 gradient scaler's ``state_dict()`` (empty when unused).
+        rng: Random number generator states (see :func:`rng_state`).
+    """
+
+    epoch: int
+    step: int
+    updates: int
+    micro_batch: int | None
+    history: tuple[EpochResult, ...]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def rng_state(loader_generator: Any = None) -> dict[str, Any]:
+    """The states of Python's, numpy's and torch's generators (CPU and CUDA), and the loader's shuffle generator."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": loader_generator.get_state() if loader_generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: Any = None) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def fit(
@@ -220,9 +309,13 @@ def fit(
     plan: TrainPlan,
     *,
     device: str,
+    resume: TrainingState | None = None,
+    save: Callable[[TrainingState], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[], None] = lambda: None,
     on_epoch: Callable[[EpochResult], None] = lambda result: None,
     on_epoch_start: Callable[[int], None] = lambda epoch: None,
+    on_backoff: Callable[[int], None] = lambda micro_batch: None,
 ) -> list[EpochResult]:
     """Train ``model`` for ``plan.epochs`` epochs; evaluate after each.
 
@@ -234,8 +327,15 @@ def fit(
     channels_last. Frozen BatchNorm layers stay in eval mode. ``on_epoch_start``
     may change what is frozen; ``on_epoch`` may raise to stop (Optuna pruning).
 
+    Nothing is lost: after every epoch (and when ``should_stop`` turns true
+    mid-epoch, before raising :class:`TrialInterrupted`) the training state goes
+    to ``save``; ``resume`` continues from such a state, bit for bit at an epoch
+    end. Out of memory halves the micro-batch and accumulates gradients so the
+    effective batch stays the same (``on_backoff`` hears the new micro-batch);
+    below :data:`MIN_MICRO_BATCH` it raises :class:`OutOfMemory`.
+
     Returns:
-        One :class:`EpochResult` per finished epoch.
+        One :class:`EpochResult` per finished epoch (those before ``resume`` included).
     """
     import time
 
@@ -260,7 +360,6 @@ def fit(
         lr_min=base_lr * 0.01,
         t_in_epochs=False,
     )
-    scheduler.step_update(0)  # apply warmup and every group's lr_scale before the first step
     mixup = None
     if plan.task == "classification" and (plan.mixup > 0 or plan.cutmix > 0):
         mixup = Mixup(mixup_alpha=plan.mixup, cutmix_alpha=plan.cutmix, label_smoothing=plan.label_smoothing, num_classes=plan.num_classes)
@@ -274,14 +373,29 @@ def fit(
         mean, std = model.target_mean.to(device), model.target_std.to(device)
         loss_fn = lambda out, y: mse(out.squeeze(-1).float(), (y - mean) / std)  # noqa: E731
 
-    history: list[EpochResult] = []
-    updates = 0
-    for epoch in range(plan.epochs):
+    generator = getattr(train_loader, "generator", None)
+    history: list[EpochResult] = list(resume.history) if resume else []
+    updates, micro = (resume.updates, resume.micro_batch) if resume else (0, None)
+    first_epoch, skip = (resume.epoch, resume.step) if resume else (0, 0)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
+        set_rng_state(resume.rng, generator)
+    scheduler.step_update(updates)  # apply warmup and every group's lr_scale before the first step
+
+    def state(epoch: int, step: int, rng: dict[str, Any]) -> TrainingState:
+        return TrainingState(epoch, step, updates, micro, tuple(history), optimizer.state_dict(), scaler.state_dict(), rng)
+
+    for epoch in range(first_epoch, plan.epochs):
         start = time.perf_counter()
         on_epoch_start(epoch)
         train_mode(model)
+        epoch_rng = rng_state(generator)  # replays this epoch's batch order on a mid-epoch resume
         total_loss, seen = 0.0, 0
-        for x, y in train_loader:
+        for step, (x, y) in enumerate(train_loader):
+            if step < skip:  # trained before the interruption this run resumes from
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None and len(x) % 2 == 0:
                 x, y = mixup(x, y)
@@ -289,21 +403,44 @@ def fit(
                 y = torch.nn.functional.one_hot(y, plan.num_classes).float()
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                loss = loss_fn(model(x), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}")
-            scaler.scale(loss).backward()
+            while True:  # one update; gradient accumulation over micro-batches after an out-of-memory error
+                try:
+                    loss = 0.0
+                    for xs, ys in zip(x.split(micro or len(x)), y.split(micro or len(x))):
+                        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                            part = loss_fn(model(xs), ys) * (len(xs) / len(x))
+                        scaler.scale(part).backward()
+                        loss += part.item()
+                    break
+                except RuntimeError as exc:
+                    if not _is_oom(exc):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    micro = (micro or len(x)) // 2
+                    if micro < MIN_MICRO_BATCH:
+                        raise OutOfMemory(f"out of memory even at micro-batch {micro * 2} (epoch {epoch + 1})") from exc
+                    on_backoff(micro)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} in epoch {epoch + 1}")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
             scheduler.step_update(updates)
-            total_loss += loss.item() * len(x)
+            total_loss += loss * len(x)
             seen += len(x)
             on_step()
+            if should_stop():
+                if save is not None:
+                    save(state(epoch, step + 1, {**rng_state(generator), "loader": epoch_rng["loader"]}))
+                raise TrialInterrupted(f"interrupted in epoch {epoch + 1} after {step + 1} batches")
+        skip = 0
         score, _ = evaluate(model, val_loader, plan.metric, device)
         result = EpochResult(epoch, total_loss / max(1, seen), score, time.perf_counter() - start)
         history.append(result)
+        if save is not None:
+            save(state(epoch + 1, 0, rng_state(generator)))
         on_epoch(result)
     return history

@@ -1,0 +1,314 @@
+"""Losing nothing: epoch checkpoints, stale trials, retries that resume, Ctrl-C.
+
+A trial writes its weights and training state (optimizer, gradient scaler, RNG
+states, epoch, step) to one safetensors file at every epoch end and records the
+path in its ``epoch_checkpoint`` attribute. A trial that stops without finishing
+(its worker killed, the machine lost, Ctrl-C, a full disk) is failed and
+re-enqueued with Optuna's ``RetryFailedTrialCallback``; the retry reads the
+failed trial's checkpoint and continues from it.
+
+Stale trials are found three ways: Optuna's heartbeat on RDB storages (SQLite,
+PostgreSQL, MySQL); the same heartbeat on the journal file storage through
+:class:`HeartbeatJournalStorage`; and at once, without waiting for a grace period,
+a trial whose worker ran on this machine and whose process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: Seconds between heartbeats of a running trial.
+HEARTBEAT_INTERVAL = 20
+#: A running trial without a heartbeat for this long is stale.
+GRACE_PERIOD = 60
+#: A trial is retried at most this many times.
+MAX_RETRY = 3
+CHECKPOINT_FORMAT = 1
+
+
+def retry_callback() -> Any:
+    """Optuna's callback that re-enqueues a failed trial with its parameters and attributes."""
+    import warnings
+
+    import optuna
+
+    callback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental / deprecation notes of Optuna's own API
+        return (callback or optuna.storages.RetryFailedTrialCallback)(max_retry=MAX_RETRY)
+
+
+def retried_from(trial: Any) -> int | None:
+    """The number of the trial that the running ``trial`` retries, or ``None``."""
+    return trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+
+
+def _heartbeat_journal_class() -> type:
+    import optuna
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.trial import TrialState
+
+    class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+        """Optuna's journal file storage with the heartbeat Optuna gives RDB storages.
+
+        The heartbeat is a system attribute of the running trial holding the wall
+        clock time (the machines sharing a journal file need synchronised clocks,
+        as they do for PostgreSQL's ``now()``).
+        """
+
+        def __init__(self, backend: Any, heartbeat_interval: int, grace_period: int, callback: Any) -> None:
+            super().__init__(backend)
+            self._heartbeat_interval, self._grace_period, self._callback = heartbeat_interval, grace_period, callback
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            return [
+                t._trial_id
+                for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                if "heartbeat" in t.system_attrs and now - t.system_attrs["heartbeat"] > self._grace_period
+            ]
+
+        def get_heartbeat_interval(self) -> int | None:
+            return self._heartbeat_interval
+
+        def get_heartbeat_stale_trial_callback(self) -> Callable[[Any, Any], None] | None:
+            return self._callback
+
+    return HeartbeatJournalStorage
+
+
+def journal_storage(path: str) -> Any:
+    """A journal file storage at ``path`` with heartbeats and retries of stale trials."""
+    import optuna
+
+    backend = optuna.storages.journal.JournalFileBackend(path)
+    return _heartbeat_journal_class()(backend, HEARTBEAT_INTERVAL, GRACE_PERIOD, retry_callback())
+
+
+def rdb_storage(url: str) -> Any:
+    """An RDB storage for ``url`` with Optuna's heartbeat and retries of stale trials."""
+    import inspect
+    import warnings
+
+    import optuna
+
+    parameters = inspect.signature(optuna.storages.RDBStorage).parameters
+    callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the heartbeat is an experimental Optuna feature
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD, **{callback: retry_callback()},
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+        except Exception as exc:
+            # Workers starting together on an empty database race to create Optuna's tables;
+            # the losers see a unique-key violation and find the tables made a moment later.
+            if attempt == 4 or not any(word in str(exc) for word in ("UniqueViolation", "already exists", "duplicate key")):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused PID apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, boot, process id and start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid)}
+
+
+def _worker_gone(worker: dict[str, Any]) -> bool:
+    """Whether ``worker`` ran on this machine and its process no longer exists."""
+    if worker.get("host") != socket.gethostname():
+        return False  # another machine's worker: the heartbeat decides
+    boot = _boot_id()
+    if worker.get("boot") and boot and worker["boot"] != boot:
+        return True  # the machine rebooted since
+    pid = worker.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return worker.get("start") is not None and _process_start(pid) != worker["start"]  # the PID was reused
+
+
+def retry(study: Any, trial_number: int) -> None:
+    """Enqueue the retry of a failed trial (it resumes from the trial's epoch checkpoint)."""
+    import copy
+
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    retry_callback()(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
+def fail_and_retry(study: Any, trial_number: int, reason: str) -> bool:
+    """Fail a running trial and enqueue its retry; ``False`` if another worker got there first."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    try:
+        storage.set_trial_user_attr(trial_id, "stopped", reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    retry(study, trial_number)
+    return True
+
+
+def recover_dead_workers(study: Any) -> list[int]:
+    """Fail and re-enqueue the running trials whose worker on this machine has died.
+
+    Returns:
+        The numbers of the trials recovered.
+    """
+    from optuna.trial import TrialState
+
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if isinstance(worker, dict) and _worker_gone(worker) and fail_and_retry(study, trial.number, "its worker process died"):
+            recovered.append(trial.number)
+    return recovered
+
+
+def save_checkpoint(path: Path, model: Any, state: Any) -> None:
+    """Write ``model``'s weights and a :class:`~tlengine._train.TrainingState` to one safetensors file.
+
+    Tensors (weights, optimizer moments, RNG states) are safetensors tensors; the
+    rest is JSON in the file's metadata. Written to a temporary file and renamed,
+    so a crash leaves the previous checkpoint or the new one, never half of one.
+
+    Raises:
+        OSError: The file could not be written (the temporary file is removed).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    optimizer_scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state.optimizer["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().clone().contiguous()
+            else:
+                optimizer_scalars.setdefault(str(index), {})[key] = value
+    rng = dict(state.rng)
+    tensors["rng.torch"] = rng.pop("torch")
+    for i, cuda in enumerate(rng.pop("cuda")):
+        tensors[f"rng.cuda.{i}"] = cuda
+    loader = rng.pop("loader")
+    if loader is not None:
+        tensors["rng.loader"] = loader
+    groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in state.optimizer["param_groups"]]
+    meta = {
+        "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "step": state.step, "updates": state.updates,
+        "micro_batch": state.micro_batch, "history": [h.__dict__ for h in state.history], "param_groups": groups,
+        "optimizer_scalars": optimizer_scalars, "scaler": state.scaler, "rng": rng,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"tlengine": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, model: Any) -> Any:
+    """Load the weights of a :func:`save_checkpoint` file into ``model``; return its training state.
+
+    Raises:
+        ValueError: The file is not a tlengine training checkpoint or does not fit ``model``.
+    """
+    from safetensors import safe_open
+
+    from tlengine._train import EpochResult, TrainingState
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if "tlengine" not in metadata:
+        raise ValueError(f"{path} is not a tlengine training checkpoint")
+    meta = json.loads(metadata["tlengine"])
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["optimizer_scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    rng = {**meta["rng"], "torch": tensors["rng.torch"], "cuda": cuda, "loader": tensors.get("rng.loader")}
+    return TrainingState(
+        epoch=meta["epoch"], step=meta["step"], updates=meta["updates"], micro_batch=meta["micro_batch"],
+        history=tuple(EpochResult(**h) for h in meta["history"]),
+        optimizer={"state": optimizer_state, "param_groups": meta["param_groups"]}, scaler=meta["scaler"], rng=rng,
+    )
+
+
+class StopRequest:
+    """Ctrl-C handling for a search: the first asks the running trial to checkpoint and stop,
+    the second stops at once (finished trials are in the study either way)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def catch_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator[StopRequest]:
+    """Install the two-stage Ctrl-C handler (main thread only) for the duration of the block."""
+    import threading
+
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        on_first()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
