@@ -242,8 +242,9 @@ def tensor_augment(preprocess: Preprocess, randaugment: int = 0, hflip: float = 
     ops = [v2.RandomResizedCrop(preprocess.input_size, scale=(0.5, 1.0), interpolation=interpolation, antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
-    if randaugment:
-        ops.append(v2.RandAugment(num_ops=2, magnitude=min(int(randaugment), 10), num_magnitude_bins=11, interpolation=interpolation))
+    if randaugment:  # its rotations and shears take nearest or bilinear on tensors
+        geometric = interpolation if interpolation == InterpolationMode.NEAREST else InterpolationMode.BILINEAR
+        ops.append(v2.RandAugment(num_ops=2, magnitude=min(int(randaugment), 10), num_magnitude_bins=11, interpolation=geometric))
     return v2.Compose(ops)
 
 
@@ -423,18 +424,18 @@ class Splitter:
         self.stage_of = {name: i for i, names in enumerate(stages) for name in names}
         self.n_stages = len(stages)
         self._graphs: tuple[Any, Any] | None = None
-        self._splits: dict[int, PrefixSplit | None] = {}
+        self._splits: dict[tuple[int, int], PrefixSplit | None] = {}
         self.reasons: dict[int, str] = {}
 
     def split(self, depth: int, size: int) -> PrefixSplit | None:
-        """The split for ``depth`` frozen stages (checked on a probe batch of ``size`` px), or ``None``."""
-        if depth not in self._splits:
+        """The split for ``depth`` frozen stages at ``size`` px (checked on a probe batch), or ``None``."""
+        if (depth, size) not in self._splits:
             try:
-                self._splits[depth] = self._find(depth, size)
+                self._splits[depth, size] = self._find(depth, size)
             except Exception as exc:  # a model torch.fx cannot trace: run it uncached
-                self._splits[depth] = None
+                self._splits[depth, size] = None
                 self.reasons[depth] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        return self._splits[depth]
+        return self._splits[depth, size]
 
     def _find(self, depth: int, size: int) -> PrefixSplit | None:
         if depth < 1 or depth > self.n_stages:
@@ -501,6 +502,8 @@ def cached_model(suffix: Any, model: Any) -> Any:
     Exposes ``task``, ``target_mean`` and ``target_std`` as ``model`` does; its
     parameters are the trainable parameters of ``model`` (shared, not copied), so an
     optimizer built on ``model`` trains it, and ``model`` holds the result.
+    ``state_dict`` and ``load_state_dict`` are the full model's, so a checkpoint
+    taken during training is a checkpoint of ``model``.
     """
     import torch
 
@@ -515,6 +518,12 @@ def cached_model(suffix: Any, model: Any) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.suffix(x))
+
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return model.state_dict(*args, **kwargs)
+
+        def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return model.load_state_dict(*args, **kwargs)
 
     return TrainableSuffix()
 
