@@ -51,6 +51,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Searches in the tests cache under a temporary folder, never in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["TLENGINE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of real images: 8 training and 4 validation images each."""

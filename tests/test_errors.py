@@ -150,6 +150,8 @@ CASES = [
     Case("zero trials", lambda t: search("--trials", "0"), "error: --trials 0: must be a positive integer"),
     Case("negative epochs", lambda t: search("--epochs", "-1"), "error: --epochs -1: must be a positive integer"),
     Case("zero batch size", lambda t: search("--batch-size", "0"), "error: --batch-size 0: must be a positive integer"),
+    Case("zero cache size", lambda t: search("--cache-size-gb", "0"), "error: --cache-size-gb 0: must be a positive number of gigabytes"),
+    Case("zero cached views", lambda t: search("--cache-views", "0"), "error: --cache-views 0: must be a positive integer"),
     Case("an image size the backbone cannot take", lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), "--backbone", "timm:test_vit", "--weights", "none", "--image-size", "33"),
          "error: --image-size 33: the backbone cannot take it"),
     Case("malformed TOML config", lambda t: (t / "c.toml").write_text("[search\n") and search("--config", f"{t}/c.toml"),
@@ -187,6 +189,8 @@ CASES = [
     # environment
     Case("output folder not writable", lambda t: (t / "file").write_text("x") and search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--out", f"{t}/file/runs", "--study-name", "s"),
          "error: --out {tmp}/file/runs: cannot create {tmp}/file/runs/s (Not a directory); choose a writable folder"),
+    Case("cache folder not writable", lambda t: (t / "file").write_text("x") and search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--out", f"{t}/runs", "--cache-dir", f"{t}/file/cache"),
+         "error: --cache-dir {tmp}/file/cache: cannot create it (Not a directory); choose a writable folder or pass --no-cache"),
 ]
 
 

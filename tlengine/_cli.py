@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bad-images", type=float, default=0.01,
                    help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
     s.add_argument("--confine-paths", action="store_true", help="refuse CSV image paths outside the CSV's folder")
+    s.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="decode images and run frozen layers anew in every trial (default: cached, see docs/caches.md)")
+    s.add_argument("--cache-dir", help="cache folder (default: $TLENGINE_CACHE, else ~/.cache/tlengine)")
+    s.add_argument("--cache-size-gb", type=float, default=4.0, help="cap on the cache folder; least recently used files go first (default: 4)")
+    s.add_argument("--cache-views", type=int, default=1,
+                   help="cached training views per image for frozen layers: 1 = the evaluation view, more add augmented ones (default: 1)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
@@ -147,6 +153,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         max_bad_images=args.max_bad_images, confine_paths=args.confine_paths, workers=args.workers,
         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else None,
         worker=args.worker, argv=tuple(args.argv),
+        cache=args.cache, cache_dir=args.cache_dir, cache_size_gb=args.cache_size_gb, cache_views=args.cache_views,
     )
     try:
         result = run_search(config, console)

@@ -114,6 +114,14 @@ class Preprocess:
     def __call__(self, item: Any) -> Any:
         """Preprocess one image into a float32 numpy array of shape (3, size, size)."""
         import numpy as np
+
+        array = self.pixels(item).astype(np.float32) / 255.0
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def pixels(self, item: Any) -> Any:
+        """Resize and centre-crop one image: a uint8 numpy array of shape (size, size, 3), not yet normalised."""
+        import numpy as np
         from PIL import Image
 
         image = load_image(item)
@@ -127,9 +135,7 @@ class Preprocess:
         top = int(round((height - self.input_size) / 2.0))
         left = int(round((width - self.input_size) / 2.0))
         image = image.crop((left, top, left + self.input_size, top + self.input_size))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        return np.asarray(image, dtype=np.uint8)
 
 
 def list_images(folder: Path) -> list[Path]:

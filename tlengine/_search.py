@@ -42,6 +42,8 @@ class SearchConfig:
             ``--param NAME=VALUE`` and the dedicated flags (``--head``,
             ``--optimizer``, ``--batch-size``, ``--weight-decay``); ``option``
             names the flag in messages.
+        cache: Decode images once and cache frozen-prefix features (``--no-cache``: off);
+            ``cache_dir``, ``cache_size_gb`` and ``cache_views`` as in :class:`tlengine._cache.CacheOptions`.
     """
 
     data: str | None = None
@@ -68,6 +70,10 @@ class SearchConfig:
     storage: str | None = None
     max_bad_images: float = 0.01
     confine_paths: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    cache_size_gb: float = 4.0
+    cache_views: int = 1
     workers: int = 1
     devices: tuple[str, ...] | None = None
     worker: int | None = None
@@ -263,6 +269,9 @@ def _check_numbers(config: SearchConfig, options: dict[str, Any]) -> None:
         raise UserError(f"--task {config.task}: expected classification or regression")
     if config.workers < 1:
         raise UserError(f"--workers {config.workers}: must be a positive integer")
+    from tlengine._cache import CacheOptions
+
+    CacheOptions(config.cache, config.cache_dir, config.cache_size_gb, config.cache_views).check()
 
 
 def _recipes(space: dict[str, Any], n_stages: int, epochs: int, default_lr: float) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -370,6 +379,12 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     if not stages:
         raise UserError(f"--backbone {config.backbone}: the backbone has no parameters")
     n_stages = len(stages)
+    caches = None
+    if config.cache:
+        from tlengine._cache import CacheOptions, SearchCaches
+
+        caches = SearchCaches(CacheOptions(True, config.cache_dir, config.cache_size_gb, config.cache_views), data, base,
+                              f"{backbone_record.name}:{arch}", stages, device, warn)
     plugin_params = {r.name: dict(r.params) for r in [*registry.heads.values(), *registry.optimizers.values()] if r.params}
     overrides = {name: (value, option) for name, value, option in config.params}
     if config.image_size is not None:
@@ -498,12 +513,23 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             optimizer = opt_record.factory(groups, values["lr"], values["weight_decay"], **opt_kwargs)
             size, augment = values["image_size"], (values["randaugment"], values["hflip"])
             preprocess = Preprocess.from_data_config(data_config, size)
-            if size not in val_loaders:
-                val_loaders[size] = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
-            if (size, augment) not in train_sets:
-                train_sets[size, augment] = make_dataset(data.train, train_transform(preprocess, *augment), data.task)
-            train_loader = loader(train_sets[size, augment], values["batch_size"], True, device, seed=config.seed + trial.number)
-            val_loader = val_loaders[size]
+            # caches (tlengine/_cache.py): decoded images, and cached frozen-prefix features on which `fit` trains
+            # the trainable suffix (sharing `model`'s modules); None: the plain path below
+            prepared = caches.prepare(
+                model, backbone, depth=depth, preprocess=preprocess, augment=augment, mixup=values["mixup"] > 0 or values["cutmix"] > 0,
+                batch_size=values["batch_size"], seed=config.seed + trial.number,
+            ) if caches else None
+            fit_model = prepared.model if prepared else model
+            if prepared:
+                train_loader, val_loader = prepared.train_loader, prepared.val_loader
+            else:
+                if size not in val_loaders:
+                    val_loaders[size] = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
+                if (size, augment) not in train_sets:
+                    train_sets[size, augment] = make_dataset(data.train, train_transform(preprocess, *augment), data.task)
+                train_loader = loader(train_sets[size, augment], values["batch_size"], True, device, seed=config.seed + trial.number)
+                val_loader = val_loaders[size]
+            # end caches
             plan = TrainPlan(
                 epochs=epochs, task=data.task, metric=metric, label_smoothing=values["label_smoothing"], warmup=values["warmup"],
                 mixup=values["mixup"], cutmix=values["cutmix"], num_classes=num_outputs, class_weights=class_weights,
@@ -525,6 +551,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             for epoch_result in resume.history if resume else ():
                 trial.report(epoch_result.score, epoch_result.epoch) if not objectives else None
             label = f"trial {trial.number} · depth {depth}/{n_stages} · lr {values['lr']:.1e}"
+            label += " · cached" if prepared and prepared.features else ""
             steps = max(1, len(train_loader))
             task_id = progress.add_task(label, total=epochs * steps, completed=(resume.epoch * steps + resume.step) if resume else 0)
 
@@ -556,7 +583,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                               f"(effective batch {values['batch_size']})")
 
             try:
-                history = fit(model, optimizer, train_loader, val_loader, plan, device=device, resume=resume, save=save,
+                history = fit(fit_model, optimizer, train_loader, val_loader, plan, device=device, resume=resume, save=save,
                               should_stop=stop, on_step=lambda: progress.advance(task_id), on_epoch=on_epoch,
                               on_epoch_start=on_epoch_start, on_backoff=on_backoff)
             except (FloatingPointError, OutOfMemory) as exc:
@@ -621,8 +648,10 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                     ) from exc
                 if stop():
                     raise SearchInterrupted("stopped between trials")
-            if config.worker is not None:
-                return SearchResult(study_name, storage, run_dir, metric, direction, [], None, searched, config=study_config)
+    if caches and caches.trials:
+        console.print(f"{worker_label}{caches.summary()}", soft_wrap=True, markup=False, highlight=False)
+    if config.worker is not None:
+        return SearchResult(study_name, storage, run_dir, metric, direction, [], None, searched, config=study_config)
 
     rows = trial_rows(study)
     pareto = tuple(sorted(t.number for t in study.best_trials)) if objectives else ()

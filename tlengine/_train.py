@@ -203,7 +203,7 @@ def evaluate(model: Any, val_loader: Any, metric: str, device: str) -> tuple[flo
     with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
         for x, y in val_loader:
             x = x.to(device, non_blocking=True)
-            if device.startswith("cuda"):
+            if device.startswith("cuda") and x.ndim == 4:  # cached features may be pooled (2-D) or tokens (3-D)
                 x = x.contiguous(memory_format=torch.channels_last)
             while True:
                 try:
@@ -401,7 +401,7 @@ def fit(
                 x, y = mixup(x, y)
             elif mixup is not None:
                 y = torch.nn.functional.one_hot(y, plan.num_classes).float()
-            if cuda:
+            if cuda and x.ndim == 4:  # cached features may be pooled (2-D) or tokens (3-D)
                 x = x.contiguous(memory_format=torch.channels_last)
             while True:  # one update; gradient accumulation over micro-batches after an out-of-memory error
                 try:

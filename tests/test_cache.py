@@ -1,0 +1,258 @@
+"""The caches: exact prefix splits, decode-once keys, LRU eviction, concurrent writers, cached vs uncached searches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, TINY_BACKBONE
+
+TINY_MODELS = {"test_efficientnet": 6, "resnet10t": 5, "test_vit": 7}  # stages of each
+
+
+def tiny_data(folder: Path) -> Any:
+    from tlengine._records import DatasetOptions
+    from tlengine_plugins.datasets import imagefolder
+
+    return imagefolder(str(folder), DatasetOptions())
+
+
+def backbone(arch: str) -> Any:
+    from tlengine_plugins.timm_backbone import create
+
+    return create(arch, "none")
+
+
+def search_caches(data: Any, base: Any, root: Path, **options: Any) -> Any:
+    from tlengine._cache import CacheOptions, SearchCaches
+    from tlengine._stages import backbone_stages
+
+    return SearchCaches(CacheOptions(True, str(root), **options), data, base, "timm:x", backbone_stages(base), "cpu", print)
+
+
+def preprocess_for(base: Any, size: int = 32) -> Any:
+    from timm.data import resolve_data_config
+
+    from tlengine._preprocess import Preprocess
+
+    return Preprocess.from_data_config(resolve_data_config(model=base), size)
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+def test_prefix_split_is_exact(arch: str, tiny_folder: Path, tmp_path: Path) -> None:
+    """Cached fp16 prefix features through the suffix give the eager backbone's output, eval and train mode."""
+    import copy
+
+    import torch
+
+    from tlengine._stages import freeze_stages, train_mode
+    from tlengine._train import eval_tensors
+
+    torch.manual_seed(0)
+    base = backbone(arch)
+    n = TINY_MODELS[arch]
+    data = tiny_data(tiny_folder)
+    caches = search_caches(data, base, tmp_path)
+    preprocess = preprocess_for(base)
+    x = eval_tensors(data.val, preprocess, "classification").tensors[0]
+    for depth in sorted({1, n // 2, n - 1, n}):
+        split = caches.splitter.split(depth, 32)
+        assert split is not None, (depth, caches.splitter.reasons)
+        features = torch.from_numpy(caches.features(split, "val", preprocess, 0, (0, 0.5)).astype("float32"))
+        eager, trial = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (eager, trial):
+            freeze_stages(m, depth)
+        suffix = split.suffix(trial)
+        with torch.no_grad():
+            for mode in ("eval", "train"):
+                for m in (eager, suffix):
+                    m.eval() if mode == "eval" else train_mode(m)
+                expected, got = eager(x), suffix(features)
+                scale = expected.abs().max().item()
+                torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * scale, msg=f"{arch} depth {depth} {mode}")
+    if arch != "test_vit":  # a linear probe caches pooled features
+        assert len(caches.splitter.split(n, 32).feature_shape) == 1
+
+
+def test_cached_training_equals_uncached(tiny_folder: Path, tmp_path: Path) -> None:
+    """``fit`` on cached features (suffix + head) follows ``fit`` on images, for a linear probe and a partial freeze."""
+    import copy
+
+    import torch
+
+    from tlengine._cache import cached_model
+    from tlengine._model import build_model
+    from tlengine._stages import freeze_stages
+    from tlengine._train import TrainPlan, eval_tensors, fit, loader, param_groups
+
+    data = tiny_data(tiny_folder)
+    base = backbone("resnet10t")
+    caches = search_caches(data, base, tmp_path)
+    preprocess = preprocess_for(base)
+    images = eval_tensors(data.train, preprocess, "classification")
+    val = loader(eval_tensors(data.val, preprocess, "classification"), 64, False, "cpu")
+    plan = TrainPlan(epochs=2, task="classification", metric="accuracy", num_classes=3)
+    for depth in (5, 3):
+        runs = []
+        for cached in (False, True):
+            torch.manual_seed(0)
+            net = copy.deepcopy(base)
+            freeze_stages(net, depth)
+            model = build_model(net, torch.nn.Linear(net.num_features, 3), "classification")
+            # SGD: Adam's normalised steps would turn fp16-sized gradient differences into full-size weight differences
+            optimizer = torch.optim.SGD(param_groups(model, 0.01, 1.0), lr=0.05, momentum=0.9)
+            if cached:
+                prepared = caches.prepare(model, net, depth=depth, preprocess=preprocess, augment=(0, 0.5), mixup=False,
+                                          batch_size=8, seed=0)
+                assert prepared.features
+                assert prepared.model.state_dict().keys() == model.state_dict().keys()  # checkpoints see the full model
+                history = fit(prepared.model, optimizer, prepared.train_loader, prepared.val_loader, plan, device="cpu")
+            else:
+                history = fit(model, optimizer, loader(images, 8, True, "cpu", seed=0), val, plan, device="cpu")
+            runs.append((history, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (plain, plain_state), (cached_history, cached_state) = runs
+        for a, b in zip(plain, cached_history):
+            assert b.train_loss == pytest.approx(a.train_loss, rel=1e-2, abs=1e-3)
+            assert b.score == pytest.approx(a.score, abs=1 / 12 + 1e-9)  # at most one of 12 validation images differs
+        # the full model holds what the suffix learnt (shared modules): its trainable weights moved as the plain run's did
+        assert cached_state.keys() == plain_state.keys() and "head.weight" in plain_state
+        for name, weight in plain_state.items():
+            torch.testing.assert_close(cached_state[name], weight, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_eval_pixels_match_timm_eval_transform(tiny_folder: Path, tmp_path: Path) -> None:
+    import torch
+
+    from tlengine._cache import normalize
+    from tlengine._train import eval_tensors
+
+    data = tiny_data(tiny_folder)
+    base = backbone(TINY_BACKBONE.split(":")[1])
+    caches = search_caches(data, base, tmp_path)
+    for size in (32, 45):
+        preprocess = preprocess_for(base, size)
+        pixels = caches.pixels("val", preprocess, "eval")
+        ours = normalize(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2), preprocess)
+        torch.testing.assert_close(ours, eval_tensors(data.val, preprocess, "classification").tensors[0], rtol=0, atol=1e-5)
+
+
+def test_decode_key_changes_with_files_and_preprocessing(tiny_folder: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_folder, folder)
+    base = backbone(TINY_BACKBONE.split(":")[1])
+    preprocess = preprocess_for(base)
+
+    def decode(pre: Any = preprocess) -> tuple[Any, int]:
+        caches = search_caches(tiny_data(folder), base, tmp_path / "cache")
+        pixels = caches.pixels("train", pre, "eval")
+        return np.array(pixels), caches.store.misses.get("images", 0)
+
+    first, missed = decode()
+    assert missed == 1
+    assert decode()[1] == 0  # same files, same preprocessing: read back
+    image = sorted((folder / "train").rglob("*.png"))[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched
+    assert decode()[1] == 1
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(image)  # changed
+    changed, missed = decode()
+    assert missed == 1 and not np.array_equal(changed, first)
+    assert (changed[0] == [255, 0, 0]).all()
+    assert decode(dataclasses.replace(preprocess, interpolation="nearest"))[1] == 1
+    assert decode(dataclasses.replace(preprocess, resize=preprocess.resize + 4))[1] == 1
+    assert decode()[1] == 0
+
+
+def test_lru_eviction_under_cap(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tlengine._cache import Store
+
+    store = Store(tmp_path, cap_bytes=3 * (1000 + 128))
+    fill = lambda value: lambda out: out.fill(value)  # noqa: E731
+    for i, key in enumerate("abc"):
+        store.get_or_make("features", key, (1000,), "uint8", fill(i))
+        os.utime(store.path("features", key), (1_000_000 + i, 1_000_000 + i))  # a, b, c from oldest to newest
+    assert store.get("features", "a") is not None  # using a makes b the least recently used
+    store.get_or_make("features", "d", (1000,), "uint8", fill(3))
+    left = sorted(p.stem for p in (tmp_path / "features").glob("*.npy"))
+    assert left == ["a", "c", "d"] and store.evicted == 1
+    assert store.size_bytes() <= store.cap_bytes
+    assert (np.asarray(store.get("features", "a")) == 0).all() and (np.asarray(store.get("features", "d")) == 3).all()
+    # larger than the whole cap: not cached, nothing evicted
+    assert store.get_or_make("features", "huge", (10_000,), "uint8", fill(1)) is None
+    assert sorted(p.stem for p in (tmp_path / "features").glob("*.npy")) == ["a", "c", "d"]
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from tlengine._cache import Store
+store = Store(Path(sys.argv[1]), 10**9)
+def fill(out):
+    for i in range(len(out)):
+        out[i] = int(sys.argv[2])
+        time.sleep(0.002)
+array = store.get_or_make("features", "same-key", (200, 64), "int32", fill)
+assert (array == array[0, 0]).all()
+"""
+
+
+def test_concurrent_writers_leave_a_whole_file(tmp_path: Path) -> None:
+    """Two processes writing the same key at once: the file is one writer's whole output, no temporary file stays."""
+    import numpy as np
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(v)], env=env) for v in (1, 2)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    array = np.load(tmp_path / "features" / "same-key.npy")
+    assert array.shape == (200, 64) and len(np.unique(array)) == 1 and array[0, 0] in (1, 2)
+    assert [p.name for p in (tmp_path / "features").iterdir()] == ["same-key.npy"]
+
+
+def search(folder: Path, out: Path, cache_dir: Path, *extra: str) -> dict[str, Any]:
+    from tlengine._cli import main
+
+    args = ["search", "--data", str(folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "1", "--epochs", "2",
+            "--image-size", "32", "--batch-size", "8", "--out", str(out), "--study-name", "s", "--cache-dir", str(cache_dir), *extra]
+    assert main(args) == 0
+    import optuna
+
+    trial = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 's' / 'study.db'}").trials[0]
+    return {"value": trial.value, "history": trial.user_attrs["history"]}
+
+
+@pytest.mark.parametrize("depth", [6, 3])
+def test_search_cached_equals_uncached(depth: int, tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    """A trial with frozen stages gives the same result with and without caches, where both paths are deterministic:
+    the uncached path's augmentation replaced by the evaluation transform (the cached path's view 0)."""
+    import tlengine._train as train
+
+    fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--param", "layer_decay=1.0"]
+    cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
+    assert "features 0 hits, 2 computed; 1 of 1 trials on cached features" in capsys.readouterr().err
+    again = search(tiny_folder, tmp_path / "b", tmp_path / "cache", *fixed)
+    assert "caches: images 0 hits, 0 computed; features 2 hits, 0 computed" in capsys.readouterr().err
+    monkeypatch.setattr(train, "train_transform", lambda preprocess, *augment: train.eval_transform(preprocess))
+    plain = search(tiny_folder, tmp_path / "c", tmp_path / "cache", "--no-cache", *fixed)
+    assert "caches:" not in capsys.readouterr().err
+    assert cached["value"] == again["value"]
+    assert cached["value"] == pytest.approx(plain["value"], abs=1 / 12 + 1e-9)
+    for a, b in zip(plain["history"], cached["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2, abs=1e-3)
+
+
+def test_no_cache_writes_nothing(tiny_folder: Path, tmp_path: Path) -> None:
+    search(tiny_folder, tmp_path / "a", tmp_path / "cache", "--no-cache")
+    assert not (tmp_path / "cache").exists()
