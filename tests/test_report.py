@@ -33,7 +33,7 @@ def expected_plots(storage: str, name: str, plots: tuple[str, ...]) -> tuple[str
     """
     from tlengine._study import load_study
 
-    scores = {t.value for t in load_study(storage, name).trials if t.state.name == "COMPLETE"}
+    scores = {t.values[0] for t in load_study(storage, name).trials if t.state.name == "COMPLETE"}
     return plots if len(scores) > 1 else tuple(p for p in plots if p != "importances")
 
 
@@ -166,6 +166,20 @@ def test_one_trial_report_leaves_out_importances(tmp_path: Path, tiny_folder: Pa
     html = tmp_path / "one" / "report.html"
     check_report(html, tuple(p for p in CLASSIFICATION_PLOTS if p != "importances"))
     assert "needs at least two completed trials" in html.read_text(encoding="utf-8")
+
+
+def test_multi_objective_report(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without per-epoch reports to Optuna, the learning curves come from each trial's recorded history."""
+    from tlengine._cli import main
+
+    assert main(["search", "--data", str(tiny_folder), *TINY, "--trials", "2", "--epochs", "2", "--out", str(tmp_path),
+                 "--study-name", "mo", "--objectives", "accuracy,params"]) == 0
+    storage = f"sqlite:///{tmp_path / 'mo' / 'study.db'}"
+    check_report(tmp_path / "mo" / "report.html", expected_plots(storage, "mo", CLASSIFICATION_PLOTS))
+    capsys.readouterr()
+    assert main(["show", "--storage", storage, "--study-name", "mo", "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert all(t["cost"] is not None and t["epochs"] == 2 for t in board["trials"]), board["trials"]
 
 
 def test_a_report_that_cannot_be_written_costs_a_warning_not_the_search(tmp_path: Path, tiny_folder: Path,

@@ -341,7 +341,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         from dataclasses import asdict
 
         print(json.dumps({"study_name": board.study_name, "metric": board.metric, "direction": board.direction,
-                          "stages": board.stages, "best": list(board.best), "trials": [asdict(r) for r in board.rows]}, indent=2))
+                          "stages": board.stages, "cost_name": board.cost_name, "best": list(board.best), "trials": [asdict(r) for r in board.rows]}, indent=2))
         return 0
     table = Table(title=f"study {board.study_name}: {board.metric} ({board.direction}), best first")
     for i, column in enumerate(board.header()):

@@ -23,10 +23,13 @@ from tlengine._errors import UserError
 from tlengine._study import first_line
 
 #: Order of the states on the leaderboard, after the completed trials.
-STATE_ORDER = ("COMPLETE", "RUNNING", "PRUNED", "FAIL", "WAITING")
+STATE_ORDER = ("COMPLETE", "RUNNING", "PRUNED", "FAIL")
 
-#: How many of the worst validation images the grid shows.
-WORST_IMAGES = 16
+#: How many of the worst validation images the grid shows (in rows of six).
+WORST_IMAGES = 18
+
+#: Plots that take the page's whole width.
+WIDE_PLOTS = ("freeze_depth", "per_class", "residuals", "worst")
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,17 @@ def format_value(value: Any) -> str:
 
 
 def leaderboard(study: Any) -> Board:
-    """The trials of a tlengine study, best first; reads any storage, also while workers write to it."""
+    """The trials of a tlengine study, best first (queued ones not yet started are left out).
+
+    Only reads the study, so it works on any storage, also while workers are writing to it.
+    """
     config = study.user_attrs["tlengine"]
     maximize = study.directions[0].name == "MAXIMIZE"
     now = datetime.datetime.now()
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # an enqueued recipe no worker has started
+            continue
         values = t.user_attrs.get("values") or {}
         finished = t.state.name == "COMPLETE"
         depth = t.params.get("freeze_depth", values.get("freeze_depth"))
@@ -379,32 +387,49 @@ def _freeze_depth_plot(board: Board) -> Any:
     if not done:
         raise _Skip("no trial has a score yet")
     maximize = board.direction == "maximize"
-    figure = _figure()
+    figure = _figure(11.0, 4.6)
     ax = figure.subplots()
     by_depth: dict[int, list[BoardRow]] = {}
     for row in sorted(done, key=lambda r: r.number):
         by_depth.setdefault(row.freeze_depth, []).append(row)
-    xs, ys, pruned_xs, pruned_ys = [], [], [], []
+    xs, ys, pruned, where = [], [], [], {}
     for depth, rows in by_depth.items():
         offsets = np.linspace(-0.18, 0.18, len(rows)) if len(rows) > 1 else [0.0]
         for row, offset in zip(rows, offsets):
-            (xs if row.final else pruned_xs).append(depth + offset)
-            (ys if row.final else pruned_ys).append(row.score)
-    if pruned_xs:
-        ax.scatter(pruned_xs, pruned_ys, marker="x", color="#888888", s=40, label="pruned (score when stopped)", zorder=2)
+            where[row.number] = depth + offset
+            if row.final:
+                xs.append(depth + offset)
+                ys.append(row.score)
+            else:
+                pruned.append((depth + offset, row.score))
+    limits = _score_range(ys) if ys else None
+    if limits:  # the completed trials set the scale; a pruned trial far off it sits on the edge, marked ▼ or ▲
+        ax.set_ylim(*limits)
+    labelled: set[str] = set()
+    for x, y in pruned:
+        low, high = limits or (-math.inf, math.inf)
+        inset = 0.02 * (high - low) if limits else 0.0
+        clipped = y if low <= y <= high else low + inset if y < low else high - inset
+        marker = "x" if clipped == y else "v" if y < low else "^"
+        label = "pruned (score when stopped)" if clipped == y else "pruned, off the scale"
+        ax.scatter([x], [clipped], marker=marker, color="#888888", s=40, zorder=2, clip_on=False,
+                   label=None if label in labelled else label)
+        labelled.add(label)
+        if clipped != y:
+            ax.annotate(f"{y:.3g}", (x, clipped), textcoords="offset points", xytext=(6, 4 if y < low else -10), fontsize=8, color="#666666")
     ax.scatter(xs, ys, color="#348ABD", s=40, alpha=0.8, label="completed trial", zorder=3)
     bests = {}
     for depth, rows in by_depth.items():
         finished = [r for r in rows if r.final]
         if finished:
             bests[depth] = (max if maximize else min)(finished, key=lambda r: r.score)
-    depths = sorted(bests)
-    ax.plot(depths, [bests[d].score for d in depths], color="#E24A33", alpha=0.6, zorder=2)
-    ax.scatter(depths, [bests[d].score for d in depths], marker="*", s=260, color="#E24A33", edgecolor="black",
+    stars = [bests[d] for d in sorted(bests)]
+    ax.plot([where[r.number] for r in stars], [r.score for r in stars], color="#E24A33", alpha=0.6, zorder=2)
+    ax.scatter([where[r.number] for r in stars], [r.score for r in stars], marker="*", s=260, color="#E24A33", edgecolor="black",
                linewidth=0.6, label="best at this depth", zorder=4)
     if bests:
-        top = (max if maximize else min)(bests.values(), key=lambda r: r.score)
-        ax.annotate(f"trial {top.number}: {top.score:.4f}", (top.freeze_depth, top.score), textcoords="offset points",
+        top = (max if maximize else min)(stars, key=lambda r: r.score)
+        ax.annotate(f"trial {top.number}: {top.score:.4f}", (where[top.number], top.score), textcoords="offset points",
                     xytext=(10, -14 if maximize else 10), fontsize=9)
     stages = max(board.stages, max(by_depth))
     ax.set_xticks(range(stages + 1))
@@ -417,6 +442,13 @@ def _freeze_depth_plot(board: Board) -> Any:
     ax.set_title(f"{board.metric} vs freeze depth ({'higher' if maximize else 'lower'} is better)")
     ax.legend(loc="best", fontsize=8)
     return figure
+
+
+def _score_range(scores: Sequence[float]) -> tuple[float, float]:
+    """Axis limits that show ``scores`` with some room around them."""
+    low, high = min(scores), max(scores)
+    span = high - low if high > low else max(abs(high) * 0.05, 0.01)
+    return low - 0.6 * span, high + 0.4 * span
 
 
 def _history_plot(study: Any, metric: str) -> Any:
@@ -574,7 +606,7 @@ def _per_class_plot(p: _Predictions) -> Any:
     ax.bar(x + 0.2, recall, width=0.4, label="recall")
     ax.set_xticks(x, p.classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("on the validation images")
+    ax.set_ylabel("precision / recall")
     ax.legend(loc="lower right", fontsize=8)
     return figure
 
@@ -623,7 +655,7 @@ def _worst_grid(p: _Predictions) -> Any:
         predicted = p.outputs.reshape(-1)
         order = np.argsort(-np.abs(predicted - p.targets), kind="stable")[:WORST_IMAGES]
         titles = [f"{p.targets[i]:.3g} → {predicted[i]:.3g}" for i in order]
-    columns = 4 if len(order) > 3 else max(1, len(order))
+    columns = max(1, min(6, len(order)))
     rows = math.ceil(len(order) / columns)
     figure = _figure(2.4 * columns, 2.6 * rows, style="default")
     axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
@@ -645,7 +677,7 @@ h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid 
 .best { background: #eef6ee; border-left: 4px solid #3a3; padding: 0.6rem 1rem; margin: 1rem 0; }
 .plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 1.5rem; }
 figure { margin: 0; border: 1px solid #e3e3e3; border-radius: 6px; padding: 0.8rem; background: #fafafa; }
-figure.headline { grid-column: 1 / -1; }
+figure.wide { grid-column: 1 / -1; }
 figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
 figcaption { margin-top: 0.5rem; font-size: 0.92rem; color: #444; }
 .note { border: 1px dashed #bbb; border-radius: 6px; padding: 0.8rem; color: #666; background: #fcfcfc; }
@@ -694,7 +726,7 @@ def _page(study: Any, board: Board, plots: Sequence[Plot], storage: str) -> str:
     parts.append('<h2>Plots</h2>')
     parts.append('<div class="plots">')
     for plot in plots:
-        headline = ' class="headline"' if plot.name == "freeze_depth" else ""
+        headline = ' class="wide"' if plot.name in WIDE_PLOTS else ""
         if plot.png is None:
             parts.append(f'<div class="note" id="fig-{plot.name}"><b>{e(plot.title)}</b>: not drawn: {e(plot.note)}</div>')
             continue
