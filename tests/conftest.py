@@ -43,6 +43,19 @@ def write_image_folder(root: Path, per_class: int = 8, classes: int = 3, val: bo
     return root
 
 
+def write_brightness_csv(folder: Path, n: int = 40) -> Path:
+    """A real regression task: ``n`` demo images as PNGs with their mean brightness (0..1) as target; returns the CSV."""
+    from PIL import Image
+
+    train_x, *_ = demo_arrays()
+    rows = ["image,target"]
+    for i in range(n):
+        Image.fromarray(train_x[i]).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{train_x[i].mean() / 255:.6f}")
+    (folder / "b.csv").write_text("\n".join(rows) + "\n")
+    return folder / "b.csv"
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m tlengine ARGS`` in a subprocess."""
     full_env = {**os.environ, **(env or {})}

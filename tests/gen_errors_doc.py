@@ -2,8 +2,8 @@
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import test_errors as t
-COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "gigabytes", "--no-cache")
-sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 39), ("Storage and studies", 39, 43), ("Weights and models", 43, 48), ("Environment", 48, 50)]
+COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)")
+sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 39), ("Storage and studies", 39, 45), ("Weights and models", 45, 50), ("Environment", 50, 52)]
 out = ["# Errors", "",
 "Every user mistake ends in one line on stderr that names the file or option and says what",
 "to do, with exit code 2 and no traceback (`tlengine --debug ...` shows it). Broken images",
@@ -23,6 +23,7 @@ for title, a, b in sections:
         out.append("| an existing study made with other options (objective, data, task) | `error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name` |")
         out.append("| an existing study that searched another space | `error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name` |")
     if title == "Environment":
+        out.append("| the report cannot be written at the end of a search (here: a file where its folder goes) | `warning: DIR/s/report.html: cannot write the report (File exists); the search's results are kept, draw it again with tlengine report --study-name s --storage sqlite:///DIR/s/study.db` (exit code 0) |")
         out.append("| disk full while writing a checkpoint | `error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume` (the study stays consistent; the same command resumes) |")
     out.append("")
 out += ["## Plugins", "", "| mistake | message |", "| --- | --- |",

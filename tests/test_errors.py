@@ -65,6 +65,15 @@ def study_then_other_direction(tmp: Path) -> list[str]:
     return base + ["--metric", "r2"]
 
 
+def empty_study(tmp: Path) -> str:
+    """A tlengine study without trials yet, as a search leaves it when it starts."""
+    import optuna
+
+    storage = f"sqlite:///{tmp}/s.db"
+    optuna.create_study(study_name="s", storage=storage).set_user_attr("tlengine", {"metric": "accuracy", "stages": 5})
+    return storage
+
+
 def search(*args: str) -> list[str]:
     return ["search", *args]
 
@@ -176,6 +185,10 @@ CASES = [
          "error: --study-name s: the study minimizes, not maximizes; choose another --study-name"),
     Case("export from a study that does not exist", lambda t: ["export", "--storage", f"sqlite:///{t}/s.db", "--study-name", "nope"],
          "error: --study-name nope: no such study in sqlite:///{tmp}/s.db; it has: none"),
+    Case("`show`, `report` or `export` of a study with no database in `--runs`", lambda t: ["show", "--runs", f"{t}/runs", "--study-name", "nope"],
+         "error: --study-name nope: no study database at {tmp}/runs/nope; pass --storage"),
+    Case("`report --out` where it cannot be written", lambda t: (t / "file").write_text("x") and ["report", "--storage", empty_study(t), "--study-name", "s", "--out", f"{t}/file/r.html"],
+         "error: {tmp}/file/r.html: cannot write the report (Not a directory)"),
     # weights and models
     Case("weights file missing", lambda t: search("--backbone", TINY_BACKBONE, "--weights", f"{t}/w.pth"), "error: --weights {tmp}/w.pth: {tmp}/w.pth does not exist"),
     Case("weights of another architecture", lambda t: search("--backbone", TINY_BACKBONE, "--weights", weights_of("resnet10t", t)),
@@ -265,4 +278,5 @@ OTHER_TESTED = {
     "error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name": "test_search.py",
     "error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name": "test_space.py",
     "error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume": "test_errors.py",
+    "warning: DIR/s/report.html: cannot write the report (File exists); the search's results are kept, draw it again with tlengine report --study-name s --storage sqlite:///DIR/s/study.db": "test_report.py",
 }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, TINY_BACKBONE, demo_arrays, run_cli
+from conftest import SHARED, TINY_BACKBONE, run_cli, write_brightness_csv
 
 
 def test_outputs_written(tiny_run: Path) -> None:
@@ -66,18 +66,10 @@ def test_resume_with_other_objective_refused(tmp_path: Path, tiny_folder: Path, 
 
 def test_regression_from_csv(tmp_path: Path) -> None:
     """Predict each image's mean brightness: a real regression target from real images."""
-    from PIL import Image
-
     from tlengine._cli import main
     from tlengine._predict import load
 
-    train_x, *_ = demo_arrays()
-    rows = ["image,target"]
-    for i in range(40):
-        Image.fromarray(train_x[i]).save(tmp_path / f"{i}.png")
-        rows.append(f"{i}.png,{train_x[i].mean() / 255:.6f}")
-    (tmp_path / "b.csv").write_text("\n".join(rows) + "\n")
-    args = ["search", "--data", str(tmp_path / "b.csv"), "--task", "regression", "--backbone", TINY_BACKBONE,
+    args = ["search", "--data", str(write_brightness_csv(tmp_path)), "--task", "regression", "--backbone", TINY_BACKBONE,
             "--weights", "none", "--trials", "2", "--epochs", "2", "--image-size", "32", "--out", str(tmp_path / "runs"),
             "--study-name", "reg"]
     assert main(args) == 0

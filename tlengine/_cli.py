@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
-    e.add_argument("--study-name", required=True, help="the study")
-    e.add_argument("--storage", help="Optuna storage URL (default: RUNS/STUDY/study.db, or its study.journal)")
-    e.add_argument("--runs", default="runs", help="where the default storage lives (default: runs)")
+    _study_options(e)
     e.add_argument("--trial", default="best", help="trial number, or best (default: best)")
     e.add_argument("--out", help="the .onnx file to write (default: beside the study, trial-N[.fp16|.int8].onnx)")
     e.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default: 18)")
@@ -98,9 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--csv", metavar="OUT", help="also write the predictions to this CSV file")
 
+    w = sub.add_parser("show", help="a study's trials as a leaderboard, best first (also while workers still write to it)")
+    _study_options(w)
+    w.add_argument("--json", action="store_true", help="print the trials as JSON")
+
+    r = sub.add_parser("report", help="draw a study's plots into one self-contained HTML page (also written after every search)")
+    _study_options(r)
+    r.add_argument("--out", help="the .html file to write, PNGs into NAME_files/ beside it "
+                                 "(default: report.html in the study's run folder, where its checkpoints are)")
+
     g = sub.add_parser("plugins", help="list the installed plugins and what they register")
     g.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _study_options(parser: argparse.ArgumentParser) -> None:
+    """The options that name an existing study: ``--study-name``, ``--storage``, ``--runs``."""
+    parser.add_argument("--study-name", required=True, help="the study")
+    parser.add_argument("--storage", help="Optuna storage URL (default: RUNS/STUDY/study.db, or its study.journal)")
+    parser.add_argument("--runs", default="runs", help="where the default storage lives (default: runs)")
+
+
+def _open_study(args: argparse.Namespace) -> tuple[Any, str]:
+    """The study named by :func:`_study_options`, and its storage URL.
+
+    Raises:
+        UserError: No default database for it, or the storage or study cannot be opened.
+    """
+    from tlengine._study import load_study, study_storage
+
+    storage = study_storage(args.storage, args.runs, args.study_name)
+    return load_study(storage, args.study_name), storage
 
 
 def cli_reference(width: int = 100) -> str:
@@ -184,6 +210,8 @@ def _print_results(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tlengine._report import format_value as _format_value
+
     out = Console()
     table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})")
     params = [p for p in result.searched if p != "freeze_depth"]
@@ -229,14 +257,8 @@ def _print_results(result: Any) -> None:
         )
         out.print(f"try it: tlengine predict {result.onnx_path} IMAGE_OR_DIR")
     out.print(f"summary: {result.run_dir / 'summary.json'}; study: {result.storage}")
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.2e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
-    return str(value)
+    if (result.run_dir / "report.html").is_file():
+        out.print(f"report: {result.run_dir / 'report.html'} (plots of every trial; tlengine show for the leaderboard)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -245,14 +267,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tlengine._study import export_study_trial, load_study, pick_trial, study_storage
+    from tlengine._study import export_study_trial, pick_trial
     from tlengine.plugins import get_registry
 
     if args.precision == "fp16" and args.quantize == "int8":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; pick one")
     variant = "fp16" if args.precision == "fp16" else f"int8-{args.calibration}" if args.quantize == "int8" else None
-    storage = study_storage(args.storage, args.runs, args.study_name)
-    study = load_study(storage, args.study_name)
+    study, _ = _open_study(args)
     trial = pick_trial(study, args.trial)
     if args.out:
         out = Path(args.out)
@@ -329,6 +350,48 @@ def _write_predictions_csv(path: str, predictions: Sequence[Any], task: str) -> 
         raise UserError(f"--csv {path}: cannot write it ({exc.strerror})") from exc
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tlengine._report import leaderboard
+
+    board = leaderboard(_open_study(args)[0])
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"study_name": board.study_name, "metric": board.metric, "direction": board.direction,
+                          "stages": board.stages, "cost_name": board.cost_name, "best": list(board.best), "trials": [asdict(r) for r in board.rows]}, indent=2))
+        return 0
+    table = Table(title=f"study {board.study_name}: {board.metric} ({board.direction}), best first")
+    for i, column in enumerate(board.header()):
+        table.add_column(column, justify="left" if i in (1, 2) else "right")
+    for row in board.rows:
+        best = row.number in board.best
+        table.add_row(*board.cells(row), style="bold green" if best else "dim" if row.state in ("pruned", "fail") else None)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # into a file or pipe: the whole table, unsqueezed
+    if not board.rows:
+        print("no trials yet")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from tlengine._report import default_report_path, write_report
+
+    study, storage = _open_study(args)
+    out = Path(args.out) if args.out else default_report_path(study, args.runs)
+    with Console(stderr=True).status("drawing the report"):
+        report = write_report(study, out, storage=storage)
+    for plot in report.missing:
+        print(f"note: {plot.name} not drawn: {plot.note}", file=sys.stderr)
+    print(f"wrote {report.path} ({len(report.drawn)} plots; PNGs in {report.folder})")
+    return 0
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -371,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    commands = {"search": _cmd_search, "export": _cmd_export, "predict": _cmd_predict, "plugins": _cmd_plugins}
+    commands = {"search": _cmd_search, "export": _cmd_export, "predict": _cmd_predict, "show": _cmd_show, "report": _cmd_report,
+                "plugins": _cmd_plugins}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -679,7 +679,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
 
 
 def write_summary(result: SearchResult) -> None:
-    """Write ``summary.json`` beside the study: best trial, config, every trial."""
+    """Write ``summary.json`` (best trial, config, every trial) and ``report.html`` beside the study."""
     summary = {
         "study_name": result.study_name,
         "storage": result.storage,
@@ -695,3 +695,6 @@ def write_summary(result: SearchResult) -> None:
         "trials": [asdict(r) for r in result.rows],
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from tlengine._report import report_after_search
+
+    report_after_search(result.storage, result.study_name, result.run_dir)

@@ -374,6 +374,18 @@ def pick_trial(study: Any, which: str) -> Any:
     return numbers[number]
 
 
+def study_data(registry: Registry, config: dict[str, Any]) -> ImageData:
+    """Load a study's data again, with the dataset plugin and options its config names.
+
+    Raises:
+        UserError: The dataset plugin is not installed, or it cannot read the data any more.
+    """
+    if config["dataset"] not in registry.datasets:
+        raise UserError(f"the study's dataset plugin {config['dataset']!r} is not installed")
+    options = DatasetOptions(config["task"], config.get("val_fraction", 0.2), config.get("seed", 0))
+    return registry.datasets[config["dataset"]].factory(config["data"], options)
+
+
 def export_study_trial(
     registry: Registry, study: Any, trial: Any, path: Path, *, data: ImageData | None = None, variant: str | None = None, opset: int = 18
 ) -> Any:
@@ -396,10 +408,7 @@ def export_study_trial(
 
     config = study.user_attrs["tlengine"]
     if data is None:
-        if config["dataset"] not in registry.datasets:
-            raise UserError(f"the study's dataset plugin {config['dataset']!r} is not installed")
-        options = DatasetOptions(config["task"], config.get("val_fraction", 0.2), config.get("seed", 0))
-        data = registry.datasets[config["dataset"]].factory(config["data"], options)
+        data = study_data(registry, config)
     values = trial.user_attrs.get("values", trial.params)
     preprocess = Preprocess.from_data_config(config["data_config"], values["image_size"])
     val_images = np.stack([preprocess(item) for item in data.val.images])

@@ -1,0 +1,755 @@
+"""What a study found, for people: the leaderboard, the plots, one self-contained HTML page.
+
+``tlengine show`` prints the leaderboard; ``tlengine report`` (and every search, at its
+end) draws the plots with Optuna's matplotlib visualizations and matplotlib, and writes
+them into one HTML file with the images embedded, plus the PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlengine._errors import UserError
+from tlengine._study import first_line
+
+#: Order of the states on the leaderboard, after the completed trials.
+STATE_ORDER = ("COMPLETE", "RUNNING", "PRUNED", "FAIL")
+
+#: How many of the worst validation images the grid shows (in rows of six).
+WORST_IMAGES = 18
+
+#: Plots that take the page's whole width.
+WIDE_PLOTS = ("freeze_depth", "per_class", "residuals", "worst")
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    """One trial on the leaderboard.
+
+    Attributes:
+        number: The trial number.
+        state: Optuna's state name, lower case (``complete``, ``running``, ``pruned``, ``fail``).
+        recipe: The hand-made recipe the trial ran (``linear probe``, ...), or ``None``.
+        freeze_depth: Frozen stages, or ``None`` if the trial has not chosen yet.
+        params: The values the sampler chose (searched dimensions only).
+        score: The final metric of a completed trial, else the last epoch's (``final`` is then false).
+        final: Whether ``score`` is the trial's final value.
+        cost: The second objective of a multi-objective study.
+        epochs: Epochs run so far.
+        seconds: Duration; for a running trial, the time since it started.
+    """
+
+    number: int
+    state: str
+    recipe: str | None
+    freeze_depth: int | None
+    params: dict[str, Any]
+    score: float | None
+    final: bool
+    cost: float | None
+    epochs: int
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class Board:
+    """A study's leaderboard: its trials, best first.
+
+    Attributes:
+        study_name: The study.
+        metric: The validation metric.
+        direction: ``maximize`` or ``minimize``.
+        stages: Number of stages of the backbone (the deepest freeze depth).
+        cost_name: The second objective (``latency``, ``params``) or ``None``.
+        columns: The searched parameters shown after freeze depth and lr.
+        rows: The trials: completed ones best first, then running, pruned, failed.
+        best: The best trials' numbers (the Pareto front of a multi-objective study).
+    """
+
+    study_name: str
+    metric: str
+    direction: str
+    stages: int
+    cost_name: str | None
+    columns: tuple[str, ...]
+    rows: tuple[BoardRow, ...]
+    best: tuple[int, ...]
+
+    def header(self) -> list[str]:
+        """The column titles."""
+        cost = [self.cost_name] if self.cost_name else []
+        return ["trial", "recipe", "state", "freeze depth", "lr", *(c.replace("_", " ") for c in self.columns),
+                self.metric, *cost, "epochs", "seconds"]
+
+    def cells(self, row: BoardRow) -> list[str]:
+        """One row as text; a score in parentheses is the last epoch's of an unfinished trial."""
+        mark = ("★ " if len(self.best) == 1 else "◆ ") if row.number in self.best else ""
+        score = "" if row.score is None else f"{row.score:.4f}" if row.final else f"({row.score:.4f})"
+        cost = [format_value(row.cost)] if self.cost_name else []
+        return [
+            f"{mark}{row.number}", row.recipe or "", row.state,
+            f"{row.freeze_depth}/{self.stages}" if row.freeze_depth is not None else "",
+            format_value(row.params.get("lr")), *(format_value(row.params.get(c)) for c in self.columns),
+            score, *cost, str(row.epochs), f"{row.seconds:.1f}" if row.seconds is not None else "",
+        ]
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as short text: small and large floats in scientific notation."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
+    return str(value)
+
+
+def leaderboard(study: Any) -> Board:
+    """The trials of a tlengine study, best first (queued ones not yet started are left out).
+
+    Only reads the study, so it works on any storage, also while workers are writing to it.
+    """
+    config = study.user_attrs["tlengine"]
+    maximize = study.directions[0].name == "MAXIMIZE"
+    now = datetime.datetime.now()
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # an enqueued recipe no worker has started
+            continue
+        values = t.user_attrs.get("values") or {}
+        finished = t.state.name == "COMPLETE"
+        depth = t.params.get("freeze_depth", values.get("freeze_depth"))
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        if t.duration is not None:
+            seconds = t.duration.total_seconds()
+        elif t.datetime_start is not None and t.state.name == "RUNNING":
+            seconds = (now - t.datetime_start).total_seconds()
+        else:
+            seconds = None
+        rows.append(BoardRow(
+            number=t.number, state=t.state.name.lower(), recipe=t.user_attrs.get("recipe"), freeze_depth=depth,
+            params=dict(t.params), score=t.values[0] if finished and t.values else last, final=finished,
+            cost=t.values[1] if finished and t.values and len(t.values) > 1 else None,
+            epochs=len(t.intermediate_values) or len(t.user_attrs.get("history", ())), seconds=seconds,
+        ))
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        best: tuple[int, ...] = ()
+    elif len(study.directions) == 1:
+        best = (study.best_trial.number,)  # one, even when others tie with it
+    else:
+        best = tuple(sorted(t.number for t in study.best_trials))
+
+    def order(row: BoardRow) -> tuple[int, float, bool, int]:
+        rank = STATE_ORDER.index(row.state.upper()) if row.state.upper() in STATE_ORDER else len(STATE_ORDER)
+        score = -math.inf if row.score is None or math.isnan(row.score) else row.score if maximize else -row.score
+        return rank, -score, row.number not in best, row.number  # ties: the best trial first
+
+    rows.sort(key=order)
+    searched = sorted({name for row in rows for name in row.params} - {"freeze_depth", "lr"})
+    space = list(config.get("space", {}))
+    columns = tuple(sorted(searched, key=lambda n: (space.index(n) if n in space else len(space), n)))
+    objectives = config.get("objectives")
+    return Board(
+        study_name=study.study_name, metric=config["metric"], direction="maximize" if maximize else "minimize",
+        stages=int(config.get("stages", 0)), cost_name=objectives[1] if objectives else None,
+        columns=columns, rows=tuple(rows), best=best,
+    )
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of the report, or why it is missing.
+
+    Attributes:
+        name: File stem and HTML id (``freeze_depth``, ``history``, ...).
+        title: Its heading.
+        caption: What it shows, one or two sentences.
+        png: The PNG image, or ``None`` when the plot could not be drawn.
+        note: Why it is missing (when ``png`` is ``None``).
+    """
+
+    name: str
+    title: str
+    caption: str
+    png: bytes | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` wrote.
+
+    Attributes:
+        path: The HTML page.
+        folder: The folder of PNGs beside it.
+        plots: Every plot, drawn or not, in page order.
+    """
+
+    path: Path
+    folder: Path
+    plots: tuple[Plot, ...]
+
+    @property
+    def drawn(self) -> tuple[str, ...]:
+        """Names of the plots that were drawn."""
+        return tuple(p.name for p in self.plots if p.png is not None)
+
+    @property
+    def missing(self) -> tuple[Plot, ...]:
+        """The plots that could not be drawn, with their notes."""
+        return tuple(p for p in self.plots if p.png is None)
+
+
+class _Skip(Exception):
+    """A plot that cannot be drawn for this study; the message goes into the page."""
+
+
+@dataclass(frozen=True)
+class _Predictions:
+    """The best trial's outputs on the validation images."""
+
+    items: Sequence[Any]
+    targets: Any
+    outputs: Any
+    classes: tuple[str, ...]
+    task: str
+
+
+def default_report_path(study: Any, runs: str | Path) -> Path:
+    """``report.html`` in the study's run folder: where its checkpoints are, else ``RUNS/STUDY``."""
+    for t in study.get_trials(deepcopy=False):
+        checkpoint = t.user_attrs.get("checkpoint")
+        if checkpoint and Path(checkpoint).parent.parent.is_dir():
+            return Path(checkpoint).parent.parent / "report.html"
+    return Path(runs) / study.study_name / "report.html"
+
+
+def write_report(study: Any, path: Path, *, storage: str = "", registry: Any = None) -> Report:
+    """Draw every plot of ``study`` and write the HTML page ``path`` with them embedded.
+
+    The PNGs also go into ``NAME_files/`` beside the page. A plot that cannot be drawn
+    for this study (too few trials, the best checkpoint on another machine, ...) is left
+    out with a note on the page.
+
+    Args:
+        study: A tlengine study (see :func:`tlengine._study.load_study`).
+        path: The ``.html`` file to write.
+        storage: The storage URL, named in the page's footer (without its password).
+        registry: The plugin registry (to rebuild the best model); loaded if ``None``.
+
+    Raises:
+        UserError: The page or its folder cannot be written.
+    """
+    import warnings
+
+    import matplotlib
+    from optuna.exceptions import ExperimentalWarning
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    folder = path.with_name(path.stem + "_files")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    board = leaderboard(study)
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna's matplotlib plots are marked experimental
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low `target`")
+        plots = _draw_all(study, board, registry)
+    drawn = {p.name for p in plots if p.png is not None}
+    partial = path.with_name(f".{path.name}.partial")  # a reader (or another worker) never sees half a page
+    try:
+        for stale in folder.glob("*.png"):  # plots of an earlier report that could not be drawn this time
+            if stale.stem not in drawn:
+                stale.unlink()
+        for plot in plots:
+            if plot.png is not None:
+                (folder / f"{plot.name}.png").write_bytes(plot.png)
+        partial.write_text(_page(study, board, plots, storage), encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    return Report(path, folder, tuple(plots))
+
+
+def report_after_search(storage: str, study_name: str, run_dir: Path) -> Path | None:
+    """Write ``run_dir/report.html`` at the end of a search; a failure is a warning, never an error."""
+    from tlengine._study import load_study
+
+    try:
+        return write_report(load_study(storage, study_name), run_dir / "report.html", storage=storage).path
+    except Exception as exc:  # the search's results matter more than its pictures
+        problem = str(exc) if isinstance(exc, UserError) else f"could not draw the report ({type(exc).__name__}: {first_line(exc)})"
+        print(f"warning: {problem}; the search's results are kept, draw it again with "
+              f"tlengine report --study-name {study_name} --storage {_safe_url(storage)}", file=sys.stderr)
+        return None
+
+
+def _draw_all(study: Any, board: Board, registry: Any) -> list[Plot]:
+    config = study.user_attrs["tlengine"]
+    metric = config["metric"]
+    classification = config["task"] == "classification"
+    drawers: list[tuple[str, str, str, Callable[[], Any]]] = [
+        ("freeze_depth", f"Validation {metric} vs freeze depth",
+         f"One point per trial; the stars mark the best trial at each depth. Depth 0 trains the whole backbone, "
+         f"{board.stages} (all stages frozen) trains only the head.", lambda: _freeze_depth_plot(board)),
+        ("history", "Optimization history", f"Each completed trial's {metric} in the order the trials ran, and the best so far.",
+         lambda: _history_plot(study, metric)),
+        ("importances", "Parameter importances", f"How much each searched parameter explains the {metric} (Optuna's PED-ANOVA evaluator).",
+         lambda: _importance_plot(study, metric)),
+        ("learning_curves", "Learning curves", f"Validation {metric} after each epoch; pruned trials stop early (×).",
+         lambda: _learning_curves(study, metric)),
+    ]
+    predictions: list[_Predictions | str] = []
+
+    def predicted() -> _Predictions:
+        if not predictions:  # rebuilt and run once, for all the plots of the best model
+            try:
+                predictions.append(_best_predictions(study, registry))
+            except (UserError, _Skip) as exc:
+                predictions.append(str(exc))
+            except Exception as exc:
+                predictions.append(f"could not run the best model ({type(exc).__name__}: {first_line(exc)})")
+        if isinstance(predictions[0], str):
+            raise _Skip(predictions[0])
+        return predictions[0]
+
+    best = f"the best trial ({board.rows[0].number})" if board.best else "the best trial"
+    if classification:
+        drawers += [
+            ("confusion_matrix", "Confusion matrix", f"{best.capitalize()} on the validation images: rows are the true classes, "
+             "columns the predicted ones; the colour is the share of the row.", lambda: _confusion_plot(predicted())),
+            ("per_class", "Precision and recall per class", f"{best.capitalize()} on the validation images.",
+             lambda: _per_class_plot(predicted())),
+            ("worst", "Worst-classified validation images", f"The validation images to which {best} gives the lowest probability "
+             "of their true class, titled true → predicted (probability of the prediction).", lambda: _worst_grid(predicted())),
+        ]
+    else:
+        drawers += [
+            ("predicted_vs_true", "Predicted vs true", f"{best.capitalize()} on the validation images; the line is a perfect prediction.",
+             lambda: _predicted_vs_true(predicted())),
+            ("residuals", "Residuals", f"Prediction minus truth of {best}, against the truth and as a histogram.",
+             lambda: _residual_plot(predicted())),
+            ("worst", "Largest errors", f"The validation images {best} is furthest off for, titled true → predicted.",
+             lambda: _worst_grid(predicted())),
+        ]
+    import matplotlib.pyplot as plt
+
+    plots = []
+    for name, title, caption, draw in drawers:
+        before = set(plt.get_fignums())
+        try:
+            plots.append(Plot(name, title, caption, png=_png(draw())))
+        except _Skip as exc:
+            plots.append(Plot(name, title, caption, note=str(exc)))
+        except Exception as exc:  # one broken plot costs that plot, not the page
+            plots.append(Plot(name, title, caption, note=f"could not draw it ({type(exc).__name__}: {first_line(exc)})"))
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)
+    return plots
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(width: float = 7.5, height: float = 4.5, style: str = "ggplot") -> Any:
+    """A new pyplot figure in the style of Optuna's plots."""
+    import matplotlib.pyplot as plt
+
+    plt.style.use(style)
+    return plt.figure(figsize=(width, height), layout="constrained")
+
+
+def _complete(study: Any) -> list[Any]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+
+
+def _freeze_depth_plot(board: Board) -> Any:
+    import numpy as np
+
+    done = [r for r in board.rows if r.score is not None and r.freeze_depth is not None and r.state in ("complete", "pruned")]
+    if not done:
+        raise _Skip("no trial has a score yet")
+    maximize = board.direction == "maximize"
+    figure = _figure(11.0, 4.6)
+    ax = figure.subplots()
+    by_depth: dict[int, list[BoardRow]] = {}
+    for row in sorted(done, key=lambda r: r.number):
+        by_depth.setdefault(row.freeze_depth, []).append(row)
+    xs, ys, pruned, where = [], [], [], {}
+    for depth, rows in by_depth.items():
+        offsets = np.linspace(-0.18, 0.18, len(rows)) if len(rows) > 1 else [0.0]
+        for row, offset in zip(rows, offsets):
+            where[row.number] = depth + offset
+            if row.final:
+                xs.append(depth + offset)
+                ys.append(row.score)
+            else:
+                pruned.append((depth + offset, row.score))
+    limits = _score_range(ys) if ys else None
+    if limits:  # the completed trials set the scale; a pruned trial far off it sits on the edge, marked ▼ or ▲
+        ax.set_ylim(*limits)
+    labelled: set[str] = set()
+    for x, y in pruned:
+        low, high = limits or (-math.inf, math.inf)
+        inset = 0.02 * (high - low) if limits else 0.0
+        clipped = y if low <= y <= high else low + inset if y < low else high - inset
+        marker = "x" if clipped == y else "v" if y < low else "^"
+        label = "pruned (score when stopped)" if clipped == y else "pruned, off the scale"
+        ax.scatter([x], [clipped], marker=marker, color="#888888", s=40, zorder=2, clip_on=False,
+                   label=None if label in labelled else label)
+        labelled.add(label)
+        if clipped != y:
+            ax.annotate(f"{y:.3g}", (x, clipped), textcoords="offset points", xytext=(6, 4 if y < low else -10), fontsize=8, color="#666666")
+    ax.scatter(xs, ys, color="#348ABD", s=40, alpha=0.8, label="completed trial", zorder=3)
+    bests = {}
+    for depth, rows in by_depth.items():
+        finished = [r for r in rows if r.final]
+        if finished:
+            bests[depth] = (max if maximize else min)(finished, key=lambda r: r.score)
+    stars = [bests[d] for d in sorted(bests)]
+    ax.plot([where[r.number] for r in stars], [r.score for r in stars], color="#E24A33", alpha=0.6, zorder=2)
+    ax.scatter([where[r.number] for r in stars], [r.score for r in stars], marker="*", s=260, color="#E24A33", edgecolor="black",
+               linewidth=0.6, label="best at this depth", zorder=4)
+    if bests:
+        top = (max if maximize else min)(stars, key=lambda r: r.score)
+        ax.annotate(f"trial {top.number}: {top.score:.4f}", (where[top.number], top.score), textcoords="offset points",
+                    xytext=(10, -14 if maximize else 10), fontsize=9)
+    stages = max(board.stages, max(by_depth))
+    ax.set_xticks(range(stages + 1))
+    labels = [str(d) for d in range(stages + 1)]
+    labels[0], labels[-1] = "0\nfull fine-tune", f"{stages}\nlinear probe"
+    ax.set_xticklabels(labels)
+    ax.set_xlim(-0.6, stages + 0.6)
+    ax.set_xlabel("freeze depth: frozen stages of the backbone")
+    ax.set_ylabel(f"validation {board.metric}")
+    ax.set_title(f"{board.metric} vs freeze depth ({'higher' if maximize else 'lower'} is better)")
+    ax.legend(loc="best", fontsize=8)
+    return figure
+
+
+def _score_range(scores: Sequence[float]) -> tuple[float, float]:
+    """Axis limits that show ``scores`` with some room around them."""
+    low, high = min(scores), max(scores)
+    span = high - low if high > low else max(abs(high) * 0.05, 0.01)
+    return low - 0.6 * span, high + 0.4 * span
+
+
+def _history_plot(study: Any, metric: str) -> Any:
+    import optuna.visualization.matplotlib as ovm
+
+    if not _complete(study):
+        raise _Skip("no trial has completed yet")
+    multi = len(study.directions) > 1
+    ax = ovm.plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None, target_name=metric)
+    ax.set_ylabel(metric)
+    return ax.figure
+
+
+def _importance_plot(study: Any, metric: str) -> Any:
+    import optuna.visualization.matplotlib as ovm
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    complete = _complete(study)
+    varied = {name for name in {n for t in complete for n in t.params} if len({repr(t.params.get(name)) for t in complete}) > 1}
+    if len(complete) < 2 or not varied:
+        raise _Skip(f"needs at least two completed trials that differ in a searched parameter (this study has {len(complete)} completed)")
+    if len({t.values[0] for t in complete}) == 1:
+        raise _Skip(f"every completed trial scored the same {metric} ({complete[0].values[0]:.4f}), so no parameter made a difference yet")
+    target = None
+    if len(study.directions) > 1:  # rank by the metric alone; the evaluator takes lower as better
+        sign = -1.0 if study.directions[0].name == "MAXIMIZE" else 1.0
+        target = lambda t: sign * t.values[0]  # noqa: E731
+    try:
+        ax = ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target=target, target_name=metric)
+    except (ValueError, RuntimeError) as exc:
+        raise _Skip(f"Optuna could not evaluate them ({first_line(exc)})") from exc
+    if not ax.patches:
+        raise _Skip("Optuna found no parameter that explains the score yet")
+    return ax.figure
+
+
+def _learning_curves(study: Any, metric: str) -> Any:
+    import optuna.visualization.matplotlib as ovm
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if any(t.intermediate_values for t in trials.values()):
+        ax = ovm.plot_intermediate_values(study)
+        for line in list(ax.get_lines()):
+            number = int(line.get_label().removeprefix("Trial")) if line.get_label().startswith("Trial") else None
+            trial = trials.get(number)
+            if trial is None:
+                continue
+            state = trial.state.name.lower()
+            line.set_label(f"trial {number}" + ("" if state == "complete" else f" ({state})"))
+            if state == "pruned":
+                x, y = line.get_data()
+                ax.plot(x[-1:], y[-1:], marker="x", markersize=11, markeredgewidth=2.5, color=line.get_color(), zorder=5)
+        ax.set_title("Learning curves")
+        if len(trials) <= 20:
+            ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0, fontsize=8)
+        elif ax.get_legend() is not None:
+            ax.get_legend().remove()
+    else:  # multi-objective studies report no epochs to Optuna: draw each trial's recorded history
+        histories = {n: t.user_attrs["history"] for n, t in trials.items() if t.user_attrs.get("history")}
+        if not histories:
+            raise _Skip("no trial has finished an epoch yet")
+        figure = _figure()
+        ax = figure.subplots()
+        for number, history in histories.items():
+            ax.plot([h["epoch"] for h in history], [h["score"] for h in history], marker=".", alpha=0.7, label=f"trial {number}")
+        ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0, fontsize=8)
+        ax.set_title("Learning curves")
+    ax.set_xlabel("epoch (from 0)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return ax.figure
+
+
+def _best_predictions(study: Any, registry: Any) -> _Predictions:
+    """Rebuild the best trial's model and run it over the study's validation images."""
+    import numpy as np
+    import torch
+
+    from tlengine._export import trial_model
+    from tlengine._model import inference_model
+    from tlengine._preprocess import Preprocess
+    from tlengine._study import drop_unreadable, pick_trial, study_data
+    from tlengine.plugins import get_registry
+
+    if not _complete(study):
+        raise _Skip("no trial has completed yet")
+    registry = registry or get_registry()
+    config = study.user_attrs["tlengine"]
+    trial = pick_trial(study, "best")
+    checkpoint = Path(trial.user_attrs.get("checkpoint", ""))
+    if not checkpoint.is_file():
+        raise _Skip(f"the best trial's checkpoint {checkpoint} is not on this machine; draw the report where the trial ran")
+    values = trial.user_attrs.get("values", trial.params)
+    model = inference_model(trial_model(registry, config, values, checkpoint))
+    data = drop_unreadable(study_data(registry, config), math.inf, lambda line: None)
+    preprocess = Preprocess.from_data_config(config["data_config"], values["image_size"])
+    items = list(data.val.images)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(items), 64):
+            batch = np.stack([preprocess(item) for item in items[start : start + 64]])
+            outputs.append(model(torch.from_numpy(batch)).numpy())
+    dtype = np.int64 if config["task"] == "classification" else np.float64
+    return _Predictions(items, np.asarray(list(data.val.targets), dtype=dtype), np.concatenate(outputs),
+                        tuple(config["classes"]), config["task"])
+
+
+def _confusion(p: _Predictions) -> Any:
+    import numpy as np
+
+    matrix = np.zeros((len(p.classes), len(p.classes)), dtype=np.int64)
+    np.add.at(matrix, (p.targets, p.outputs.argmax(-1)), 1)
+    return matrix
+
+
+def _confusion_plot(p: _Predictions) -> Any:
+    import numpy as np
+
+    matrix = _confusion(p)
+    k = len(p.classes)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = min(12.0, 3.0 + 0.5 * k)
+    figure = _figure(side + 1.2, side, style="default")
+    ax = figure.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8 if k > 12 else 10,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ticks = range(k)
+    ax.set_xticks(ticks, p.classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(ticks, p.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"{matrix.sum()} validation images, accuracy {accuracy:.3f}")
+    return figure
+
+
+def _per_class_plot(p: _Predictions) -> Any:
+    import numpy as np
+
+    matrix = _confusion(p)
+    right = np.diag(matrix).astype(float)
+    precision = right / np.maximum(matrix.sum(axis=0), 1)
+    recall = right / np.maximum(matrix.sum(axis=1), 1)
+    k = len(p.classes)
+    figure = _figure(max(6.0, 0.7 * k + 2), 4.2)
+    ax = figure.subplots()
+    x = np.arange(k)
+    ax.bar(x - 0.2, precision, width=0.4, label="precision")
+    ax.bar(x + 0.2, recall, width=0.4, label="recall")
+    ax.set_xticks(x, p.classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("precision / recall")
+    ax.legend(loc="lower right", fontsize=8)
+    return figure
+
+
+def _predicted_vs_true(p: _Predictions) -> Any:
+    import numpy as np
+
+    predicted = p.outputs.reshape(-1)
+    figure = _figure(5.5, 5.0)
+    ax = figure.subplots()
+    ax.scatter(p.targets, predicted, s=18, alpha=0.7)
+    low, high = float(min(p.targets.min(), predicted.min())), float(max(p.targets.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="black", linewidth=1, label="perfect")
+    rmse = float(np.sqrt(np.mean((predicted - p.targets) ** 2)))
+    ax.set_title(f"{len(predicted)} validation images, RMSE {rmse:.4g}")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.legend(loc="upper left", fontsize=8)
+    return figure
+
+
+def _residual_plot(p: _Predictions) -> Any:
+    residuals = p.outputs.reshape(-1) - p.targets
+    figure = _figure(9.0, 4.0)
+    left, right = figure.subplots(1, 2, width_ratios=(2, 1))
+    left.scatter(p.targets, residuals, s=18, alpha=0.7)
+    left.axhline(0, color="black", linewidth=1)
+    left.set_xlabel("true")
+    left.set_ylabel("predicted − true")
+    right.hist(residuals, bins=min(30, max(5, len(residuals) // 5)))
+    right.set_xlabel("predicted − true")
+    right.set_ylabel("images")
+    return figure
+
+
+def _worst_grid(p: _Predictions) -> Any:
+    import numpy as np
+
+    from tlengine._preprocess import load_image
+
+    if p.task == "classification":
+        true_prob = p.outputs[np.arange(len(p.targets)), p.targets]
+        order = np.argsort(true_prob, kind="stable")[:WORST_IMAGES]
+        titles = [f"{p.classes[p.targets[i]]} → {p.classes[p.outputs[i].argmax()]} ({p.outputs[i].max():.2f})" for i in order]
+    else:
+        predicted = p.outputs.reshape(-1)
+        order = np.argsort(-np.abs(predicted - p.targets), kind="stable")[:WORST_IMAGES]
+        titles = [f"{p.targets[i]:.3g} → {predicted[i]:.3g}" for i in order]
+    columns = max(1, min(6, len(order)))
+    rows = math.ceil(len(order) / columns)
+    figure = _figure(2.4 * columns, 2.6 * rows, style="default")
+    axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    for ax, index, title in zip(axes, order, titles):
+        image = load_image(p.items[index])
+        image.thumbnail((160, 160))
+        ax.imshow(np.asarray(image), interpolation="nearest" if max(image.size) < 64 else "antialiased")
+        ax.set_title(title, fontsize=9)
+    return figure
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1400px;
+       padding: 0 1.5rem; color: #222; background: #fff; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; padding-bottom: 0.3rem; }
+.meta { color: #555; margin: 0.2rem 0; }
+.best { background: #eef6ee; border-left: 4px solid #3a3; padding: 0.6rem 1rem; margin: 1rem 0; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 1.5rem; }
+figure { margin: 0; border: 1px solid #e3e3e3; border-radius: 6px; padding: 0.8rem; background: #fafafa; }
+figure.wide { grid-column: 1 / -1; }
+figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
+figcaption { margin-top: 0.5rem; font-size: 0.92rem; color: #444; }
+.note { border: 1px dashed #bbb; border-radius: 6px; padding: 0.8rem; color: #666; background: #fcfcfc; }
+table { border-collapse: collapse; font-size: 0.9rem; }
+th, td { padding: 0.25rem 0.7rem; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; } td.text { text-align: left; }
+tr.best td { font-weight: 600; background: #eef6ee; } tr.pruned td, tr.fail td { color: #888; }
+footer { margin-top: 2rem; color: #888; font-size: 0.85rem; }
+"""
+
+
+def _safe_url(url: str) -> str:
+    """A storage URL without its password."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _page(study: Any, board: Board, plots: Sequence[Plot], storage: str) -> str:
+    """The HTML page: a summary, the plots (images embedded as data URIs) and the leaderboard."""
+    from tlengine import __version__
+
+    e = html.escape
+    config = study.user_attrs["tlengine"]
+    counts: dict[str, int] = {}
+    for row in board.rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    backbone = f"{config['backbone']}:{config['arch']}" if config.get("arch") else config["backbone"]
+    task = f"{len(config['classes'])} classes" if config["task"] == "classification" else "regression"
+    parts = [
+        "<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>tlengine report: {e(study.study_name)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
+        f"<h1>Study {e(study.study_name)}</h1>",
+        f'<p class="meta">{e(backbone)} ({board.stages} stages) · {e(config["dataset"])} dataset, {e(task)} · '
+        f'{e(board.metric)} ({e(board.direction)}), {config.get("epochs")} epochs per trial</p>',
+        f'<p class="meta">{len(board.rows)} trials: ' + ", ".join(f"{n} {e(s)}" for s, n in counts.items()) + "</p>",
+    ]
+    best_rows = [r for r in board.rows if r.number in board.best]
+    if best_rows:
+        top = best_rows[0]
+        chosen = ", ".join(f"{e(k.replace('_', ' '))} {e(format_value(v))}" for k, v in top.params.items() if k != "freeze_depth")
+        parts.append(f'<div class="best"><b>Best: trial {top.number}</b>, {e(board.metric)} <b>{top.score:.4f}</b> · '
+                     f"freeze depth {top.freeze_depth}/{board.stages}" + (f" · {chosen}" if chosen else "") +
+                     (f" · recipe: {e(top.recipe)}" if top.recipe else "") + "</div>")
+    else:
+        parts.append('<div class="note">No trial has completed yet.</div>')
+    parts.append('<h2>Plots</h2>')
+    parts.append('<div class="plots">')
+    for plot in plots:
+        headline = ' class="wide"' if plot.name in WIDE_PLOTS else ""
+        if plot.png is None:
+            parts.append(f'<div class="note" id="fig-{plot.name}"><b>{e(plot.title)}</b>: not drawn: {e(plot.note)}</div>')
+            continue
+        data = base64.b64encode(plot.png).decode("ascii")
+        parts.append(
+            f'<figure id="fig-{plot.name}"{headline}><img src="data:image/png;base64,{data}" alt="{e(plot.title)}" '
+            f'data-file="{e(plot.name)}.png"><figcaption><b>{e(plot.title)}.</b> {e(plot.caption)}</figcaption></figure>'
+        )
+    parts.append("</div>")
+    parts.append("<h2>Leaderboard</h2>")
+    parts.append("<p class=\"meta\">Best first; a score in parentheses is the last epoch's of a trial that did not finish. "
+                 "★ marks the best trial (◆ the Pareto front).</p>")
+    parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in board.header()) + "</tr></thead><tbody>")
+    text_columns = {1, 2}
+    for row in board.rows:
+        css = "best" if row.number in board.best else row.state
+        cells = "".join(f'<td class="text">{e(c)}</td>' if i in text_columns else f"<td>{e(c)}</td>"
+                        for i, c in enumerate(board.cells(row)))
+        parts.append(f'<tr class="{css}">{cells}</tr>')
+    parts.append("</tbody></table>")
+    made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    where = _safe_url(storage) or "(not given)"
+    parts.append(f"<footer>tlengine {e(__version__)} · {made} · storage {e(where)}</footer>")
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
