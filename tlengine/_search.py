@@ -142,6 +142,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _unwritable(path: Path, exc: OSError) -> UserError:
+    """The one-line error for a checkpoint that could not be written (the trial is marked for resumption)."""
+    return UserError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
+                     "free some space and run the same command again to resume")
+
+
 class _Surplus(Exception):
     """A worker asked for a trial after the others had already taken the study's last ones."""
 
@@ -548,8 +554,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
                                   + (f", batch {resume.step + 1}" if resume.step else ""))
             epoch_checkpoint = run_dir / "trials" / f"{trial.number}.last.safetensors"
             trial.set_user_attr("epoch_checkpoint", str(epoch_checkpoint.resolve()))
-            for epoch_result in resume.history if resume else ():
-                trial.report(epoch_result.score, epoch_result.epoch) if not objectives else None
+            if resume is not None and not objectives:  # the pruner sees the epochs trained before the stop
+                for epoch_result in resume.history:
+                    trial.report(epoch_result.score, epoch_result.epoch)
             label = f"trial {trial.number} · depth {depth}/{n_stages} · lr {values['lr']:.1e}"
             label += " · cached" if prepared and prepared.features else ""
             steps = max(1, len(train_loader))
@@ -558,12 +565,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             def save(state: Any) -> None:
                 try:
                     save_checkpoint(epoch_checkpoint, model, state)
-                except OSError as exc:
+                except OSError as exc:  # the previous epoch's checkpoint stays for the resume
                     trial.set_user_attr("resumable", "its checkpoint could not be written")
-                    raise UserError(
-                        f"{epoch_checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
-                        "free some space and run the same command again to resume"
-                    ) from exc
+                    raise _unwritable(epoch_checkpoint, exc) from exc
 
             def on_epoch_start(epoch: int) -> None:
                 if head_epochs:
@@ -608,10 +612,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             except OSError as exc:
                 checkpoint.unlink(missing_ok=True)
                 trial.set_user_attr("resumable", "its checkpoint could not be written")
-                raise UserError(
-                    f"{checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
-                    "free some space and run the same command again to resume"
-                ) from exc
+                raise _unwritable(checkpoint, exc) from exc
             trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
             trial.set_user_attr("history", [asdict(h) for h in history])
             epoch_checkpoint.unlink(missing_ok=True)
