@@ -3,11 +3,13 @@
 On ../shared/data/fashion-mnist-2k with the real ImageNet weights of
 tf_efficientnet_lite0: a study whose trials are enqueued with fixed parameters
 (freeze depths from the linear probe, 8 of 8 stages, down to full fine-tuning, 0),
-run once with ``--no-cache`` and once with caches on, starting from an empty cache
-folder (so the on-run pays for decoding and computing every feature file). Optionally
-a third run with the cache the second one left (--warm). Records each trial's wall
-time, the study's wall time, their ratios and the best score both ways. Prints a
-table and writes benchmarks/results/cache_speedup.json.
+run with ``--no-cache``, with caches on (one cached view per epoch: the default, which
+trains on exactly the images the uncached run does), and with ``--cache-views 1`` (one
+augmented view for every epoch: faster, less augmentation), each cached run starting
+from an empty cache folder (so it pays for decoding and computing every feature file).
+Optionally one more run with the cache the default run left (--warm). Records each
+trial's wall time, the study's wall time, their ratios and the best score of each run.
+Prints a table and writes benchmarks/results/cache_speedup.json.
 
 Usage: python benchmarks/cache_speedup.py [--epochs 3] [--image-size 64] [--warm] [--threads 1]
 """
@@ -33,7 +35,7 @@ TRIALS = [(8, 1e-2), (8, 3e-3), (7, 3e-3), (6, 1e-3), (5, 1e-3), (4, 1e-3), (2, 
 FIXED = {"layer_decay": 1.0, "label_smoothing": 0.0}
 
 
-def run(out: Path, name: str, epochs: int, size: int, cache: bool, cache_dir: Path) -> tuple:
+def run(out: Path, name: str, epochs: int, size: int, cache: bool, cache_dir: Path, views: int | None = None) -> tuple:
     import optuna
     from rich.console import Console
 
@@ -48,7 +50,7 @@ def run(out: Path, name: str, epochs: int, size: int, cache: bool, cache_dir: Pa
     config = SearchConfig(
         data=str(DATA), epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=str(out),
         study_name=name, storage=storage, params=tuple((k, v, f"--param {k}") for k, v in FIXED.items()),
-        cache=cache, cache_dir=str(cache_dir),
+        cache=cache, cache_dir=str(cache_dir), cache_views=views,
     )
     start = time.perf_counter()
     result = run_search(config, Console(stderr=True, quiet=True))
@@ -71,8 +73,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out, cache_dir = Path(tmp) / "runs", Path(tmp) / "cache"
         runs = {}
-        for label, cache in (("off", False), ("on", True)) + ((("on, warm", True),) if args.warm else ()):
-            result, seconds = run(out, label.replace(", ", "-"), args.epochs, args.image_size, cache, cache_dir)
+        plan = [("off", False, cache_dir, None), ("on", True, cache_dir, None), ("on, 1 view", True, Path(tmp) / "cache-1", 1)]
+        if args.warm:
+            plan.append(("on, warm", True, cache_dir, None))
+        for label, cache, folder, views in plan:
+            result, seconds = run(out, label.replace(", ", "-").replace(" ", "-"), args.epochs, args.image_size, cache, folder, views)
             runs[label] = (result, seconds)
             print(f"caches {label}: {seconds:.0f} s, best {result.metric} {result.best.value:.4f}", file=sys.stderr)
     off_rows = {r.number: r for r in runs["off"][0].rows}
@@ -106,12 +111,12 @@ def main() -> None:
     for label in labels:
         columns += [f"{label} s", f"speed-up ({label})"]
     columns += ["accuracy off"] + [f"accuracy {k}" for k in labels]
-    gap = max(abs(summary["best"][k] - summary["best"]["off"]) * 100 for k in labels)
+    gaps = {k: round(abs(summary["best"][k] - summary["best"]["off"]) * 100, 2) for k in labels}
     summary["targets"] = {
-        "study >= 3x": all(v >= 3 for v in summary["study_ratio"].values()),
-        "head-only >= 5x": all(v >= 5 for v in summary["head_only_ratio"].values()),
-        "best within 0.5 points": gap <= 0.5,
-        "best gap points": round(gap, 2),
+        "study >= 3x": {k: v >= 3 for k, v in summary["study_ratio"].items()},
+        "head-only >= 5x": {k: v >= 5 for k, v in summary["head_only_ratio"].items()},
+        "best within 0.5 points": {k: v <= 0.5 for k, v in gaps.items()},
+        "best gap points": gaps,
         "median per-trial ratio (on)": round(statistics.median(
             off_rows[n].duration_s / next(r for r in runs["on"][0].rows if r.number == n).duration_s for n in off_rows), 2),
     }

@@ -129,7 +129,8 @@ def test_head_first_epochs_leave_backbone_untouched_then_train_it(tiny_folder: P
     from tlengine._model import build_model
     from tlengine._preprocess import Preprocess
     from tlengine._stages import backbone_stages, freeze_stages
-    from tlengine._train import TrainPlan, eval_tensors, fit, loader, make_dataset, param_groups, train_transform
+    from tlengine._cache import image_train_loader
+    from tlengine._train import TrainPlan, eval_tensors, fit, loader, param_groups
     from tlengine_plugins.datasets import imagefolder
     from tlengine import DatasetOptions
 
@@ -142,7 +143,7 @@ def test_head_first_epochs_leave_backbone_untouched_then_train_it(tiny_folder: P
     optimizer = torch.optim.AdamW(param_groups(model, 0.0, 1.0), lr=1e-2)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     snapshots = []
-    fit(model, optimizer, loader(make_dataset(data.train, train_transform(pre), "classification"), 8, True, "cpu"),
+    fit(model, optimizer, image_train_loader(data.train, "classification", pre, (0, 0.5), 8, "cpu", shuffle_seed=0, augment_seed=0),
         loader(eval_tensors(data.val, pre, "classification"), 8, False, "cpu"), TrainPlan(2, "classification", "accuracy"),
         device="cpu", on_epoch_start=lambda e: freeze_stages(backbone, n if e < 1 else 0),
         on_epoch=lambda r: snapshots.append({k: v.clone() for k, v in backbone.state_dict().items()}))
@@ -225,10 +226,10 @@ def test_changed_space_refused_on_resume(tiny_folder: Path, tmp_path: Path, caps
 
 def test_augmentation_and_mixup_train(tiny_folder: Path, tmp_path: Path) -> None:
     from tlengine._preprocess import Preprocess
-    from tlengine._train import train_transform
+    from tlengine._cache import tensor_augment
 
     pre = Preprocess.from_data_config({"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}, 32)
-    assert "RandAugment" in repr(train_transform(pre, 9)) and "RandAugment" not in repr(train_transform(pre, 0))
+    assert "RandAugment" in repr(tensor_augment(pre, 9)) and "RandAugment" not in repr(tensor_augment(pre, 0))
     summary = run(["search", "--data", str(tiny_folder), *TINY, "--param", "randaugment=9", "--param", "mixup=0.4",
                    "--param", "cutmix=1.0", "--trials", "1", "--epochs", "1", "--out", str(tmp_path), "--study-name", "a",
                    "--metric", "macro_f1", "--class-weights"])

@@ -14,9 +14,13 @@ every trial and every process on the machine shares one copy through the page ca
 - ``features/KEY.npy``: fp16 outputs of a backbone's first ``k`` frozen stages for
   every image of a split, computed once and reused by every epoch and every trial with
   the same backbone, weights (hash of the state dict), ``k``, preprocessing and images.
-  Validation always uses the evaluation view. Training uses ``views`` views per image:
-  view 0 is the evaluation view, views 1.. are augmented with the trial's RandAugment
-  and flip, each from its own fixed seed; each epoch draws one view per image.
+  Validation uses the evaluation crop. Training uses one augmented view per epoch
+  (``views`` of them, reused in turn when fewer than the epochs).
+
+Augmentation is reproducible per image: image ``i`` in epoch ``e`` is augmented from a
+seed made of the search's seed, ``e`` and ``i`` (:func:`image_seed`), whichever path
+trains it. So the cached view ``e`` is exactly what an uncached trial feeds its frozen
+layers in epoch ``e``, and cached and uncached trials train on the same images.
 
 Writes go to a temporary file renamed into place, so concurrent writers of one key
 never leave a torn file (the last rename wins; both wrote the same bytes). Every use
@@ -51,7 +55,9 @@ from tlengine._preprocess import Preprocess
 #: Bump when the layout or the numerics of cached files change.
 FORMAT = 1
 DEFAULT_SIZE_GB = 4.0
-DEFAULT_VIEWS = 1
+DEFAULT_VIEWS: int | None = None  # one per epoch
+#: How prefix features are stored (tests set float32 to show that only this rounding separates the paths).
+FEATURE_DTYPE = "float16"
 _BATCH = 64
 
 
@@ -69,19 +75,20 @@ class CacheOptions:
         enabled: ``False`` (``--no-cache``): decode images and run every layer each time.
         directory: The cache folder; ``None``: :func:`default_cache_dir`.
         size_gb: Cap on the folder's size, in GB (10^9 bytes).
-        views: Cached training views per image for a frozen prefix (1: the evaluation view only).
+        views: Cached augmented training views per image for a frozen prefix; epoch ``e`` uses
+            view ``e % views``. ``None``: one per epoch, so cached training equals uncached.
     """
 
     enabled: bool = True
     directory: str | None = None
     size_gb: float = DEFAULT_SIZE_GB
-    views: int = DEFAULT_VIEWS
+    views: int | None = DEFAULT_VIEWS
 
     def check(self) -> None:
         """Raise :class:`UserError` for a value out of range."""
         if isinstance(self.size_gb, bool) or not self.size_gb > 0:
             raise UserError(f"--cache-size-gb {self.size_gb:g}: must be a positive number of gigabytes")
-        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
+        if self.views is not None and (isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1):
             raise UserError(f"--cache-views {self.views}: must be a positive integer")
 
 
@@ -139,6 +146,7 @@ class Store:
         self.cap_bytes = int(cap_bytes)
         self.hits: dict[str, int] = {}
         self.misses: dict[str, int] = {}
+        self.made_extra: dict[str, int] = {}
         self.evicted = 0
         try:
             for kind in ("images", "features"):
@@ -162,11 +170,15 @@ class Store:
             return None
         return array
 
-    def get_or_make(self, kind: str, key: str, shape: tuple[int, ...], dtype: str, fill: Callable[[Any], None]) -> Any:
+    def get_or_make(self, kind: str, key: str, shape: tuple[int, ...], dtype: str, fill: Callable[[Any], None],
+                    extras: Sequence[tuple[str, tuple[int, ...], str]] = ()) -> Any:
         """The array of ``key``, made with ``fill(array)`` when missing; ``None`` if it cannot fit under the cap.
 
         ``fill`` writes into a memory-mapped temporary file that is renamed into
-        place once full, so readers never see a partial file.
+        place once full, so readers never see a partial file. ``extras`` are more
+        ``(key, shape, dtype)`` files the same pass can fill for free: those missing that
+        fit in the cap's free space (never evicting for them) are made too, and ``fill``
+        then gets ``(array, {key: array})``.
         """
         import numpy as np
 
@@ -175,21 +187,33 @@ class Store:
             self.hits[kind] = self.hits.get(kind, 0) + 1
             return array
         self.misses[kind] = self.misses.get(kind, 0) + 1
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
+        nbytes = _nbytes(shape, dtype)
         if nbytes > self.cap_bytes:
             return None
         self.evict(nbytes)
-        path = self.path(kind, key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        free = self.cap_bytes - self.size_bytes() - nbytes
+        wanted = {}
+        for extra, extra_shape, extra_dtype in extras:
+            if extra != key and extra not in wanted and not self.path(kind, extra).is_file() and _nbytes(extra_shape, extra_dtype) <= free:
+                wanted[extra] = (tuple(extra_shape), extra_dtype)
+                free -= _nbytes(extra_shape, extra_dtype)
+        files = {k: (self.path(kind, k), self.path(kind, k).with_name(f".{k}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+                 for k in [key, *wanted]}
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-            fill(out)
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            outs = {k: np.lib.format.open_memmap(files[k][1], mode="w+", dtype=d, shape=sh)
+                    for k, (sh, d) in {key: (tuple(shape), dtype), **wanted}.items()}
+            out = outs.pop(key)
+            fill(out, outs) if extras else fill(out)  # an extra ``fill`` removes from ``outs`` is not kept
+            kept = [key, *outs]
+            for array in [out, *outs.values()]:
+                array.flush()
+            del out, outs
+            for k in kept:
+                os.replace(files[k][1], files[k][0])
+        finally:
+            for _, tmp in files.values():
+                tmp.unlink(missing_ok=True)
+        self.made_extra[kind] = self.made_extra.get(kind, 0) + len(kept) - 1
         return self.get(kind, key)
 
     def files(self) -> list[tuple[float, int, Path]]:
@@ -220,6 +244,12 @@ class Store:
         return sum(size for _, size, _ in self.files())
 
 
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    import numpy as np
+
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
+
+
 def normalize(batch: Any, preprocess: Preprocess) -> Any:
     """uint8 ``(N, 3, H, W)`` to normalised float32, as timm's ``ToTensor`` then ``Normalize`` compute it."""
     import torch
@@ -230,11 +260,14 @@ def normalize(batch: Any, preprocess: Preprocess) -> Any:
 
 
 def tensor_augment(preprocess: Preprocess, randaugment: int = 0, hflip: float = 0.5) -> Any:
-    """The training augmentation on uint8 tensors (torchvision ``transforms.v2``).
+    """The training augmentation on uint8 tensors (torchvision ``transforms.v2``), cached or not.
 
-    Mirrors :func:`tlengine._train.train_transform`: random resized crop (scale 0.5..1),
-    horizontal flip with probability ``hflip``, RandAugment with 2 operations at
-    ``randaugment`` on timm's 0..10 magnitude scale (11 bins; above 10 is clipped, as timm does).
+    Random resized crop (scale 0.5..1, as timm's training transform uses here), horizontal
+    flip with probability ``hflip``, RandAugment with 2 operations at ``randaugment`` on
+    timm's 0..10 magnitude scale (11 bins; above 10 is clipped, as timm does). torchvision
+    rather than timm's ``create_transform`` because timm's RandAugment works on PIL images
+    only, while this runs on decoded tensors, on the GPU when there is one, with one seed
+    per image (:func:`augment_batch`).
     """
     from torchvision.transforms import InterpolationMode, v2
 
@@ -248,14 +281,99 @@ def tensor_augment(preprocess: Preprocess, randaugment: int = 0, hflip: float = 
     return v2.Compose(ops)
 
 
-class AugmentLoader:
-    """Batches of decoded uint8 images, augmented one by one on the loader's device and normalised.
+def image_seed(seed: int, view: int, index: int) -> int:
+    """The seed that augments image ``index`` in epoch (view) ``view`` of a search seeded ``seed``."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{view}/{index}".encode(), digest_size=8).digest(), "little") >> 1
 
-    Wraps a ``DataLoader``; its batches arrive on ``device`` (the GPU when there is one).
+
+def augment_batch(images: Any, indices: Sequence[int], augment: Any, seed: int, view: int) -> Any:
+    """Augment uint8 ``(N, 3, H, W)`` images one by one, each from :func:`image_seed`; the global RNG is left as it was.
+
+    torchvision's transforms draw their parameters from torch's global CPU generator,
+    so each image reseeds it inside ``fork_rng``: the result depends on the image and
+    the epoch only, not on batch composition, order or the trial.
+    """
+    import torch
+
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for image, index in zip(images, indices):
+            torch.manual_seed(image_seed(seed, view, int(index)))
+            out.append(augment(image))
+    return torch.stack(out)
+
+
+class EpochSampler:
+    """A new random order of ``n`` images each epoch, drawn from ``generator`` as ``RandomSampler`` does;
+    in epoch ``e`` the indices point into view ``e % views`` (offset ``n`` per view).
+
+    ``set_epoch`` follows ``DistributedSampler``'s convention; the sampler runs in the main
+    process, so loader worker processes need not know the epoch.
     """
 
-    def __init__(self, inner: Any, augment: Any, preprocess: Preprocess, device: str) -> None:
-        self.inner, self.augment, self.preprocess, self.device = inner, augment, preprocess, device
+    def __init__(self, n: int, views: int, generator: Any) -> None:
+        self.n, self.views, self.generator, self.epoch = n, views, generator, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next order's indices from view ``epoch % views``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        import torch
+
+        offset = (self.epoch % self.views) * self.n
+        return iter((torch.randperm(self.n, generator=self.generator) + offset).tolist())
+
+
+class EpochLoader:
+    """A ``DataLoader`` over an :class:`EpochSampler`, with ``set_epoch`` and the shuffle ``generator``.
+
+    Args:
+        dataset: Items indexed ``view * n + i``.
+        n: Images per view.
+        views: Views in ``dataset``.
+        batch_size: Images per batch (the last partial batch dropped when there is more than one).
+        device: Where training runs (worker processes only on CUDA).
+        seed: Seeds the shuffle order.
+    """
+
+    def __init__(self, dataset: Any, n: int, views: int, batch_size: int, device: str, seed: int) -> None:
+        import torch
+
+        from tlengine._train import loader
+
+        self.sampler = EpochSampler(n, views, torch.Generator().manual_seed(seed))
+        self.inner = loader(dataset, batch_size, False, device, sampler=self.sampler, drop_last=n > batch_size)
+
+    @property
+    def generator(self) -> Any:
+        """The shuffle generator (``fit`` saves and restores it to resume an epoch's order)."""
+        return self.sampler.generator
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by ``fit`` before each epoch."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+
+class AugmentLoader:
+    """Batches of decoded uint8 images, augmented on the loader's device (:func:`augment_batch`) and normalised.
+
+    Wraps an :class:`EpochLoader` of ``(image, index, target)``; batches arrive on
+    ``device`` (the GPU when there is one).
+    """
+
+    def __init__(self, inner: EpochLoader, augment: Any, preprocess: Preprocess, device: str, seed: int) -> None:
+        self.inner, self.augment, self.preprocess, self.device, self.seed = inner, augment, preprocess, device, seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -265,13 +383,31 @@ class AugmentLoader:
         """The shuffle generator (``fit`` saves and restores it to resume an epoch's order)."""
         return self.inner.generator
 
-    def __iter__(self) -> Any:
-        import torch
+    def set_epoch(self, epoch: int) -> None:
+        """Called by ``fit`` before each epoch: epoch ``epoch``'s augmentation."""
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
 
-        for x, y in self.inner:
-            x = x.to(self.device, non_blocking=True)
-            x = torch.stack([self.augment(image) for image in x])
+    def __iter__(self) -> Any:
+        for x, index, y in self.inner:
+            x = augment_batch(x.to(self.device, non_blocking=True), index.tolist(), self.augment, self.seed, self.epoch)
             yield normalize(x, self.preprocess), y
+
+
+def train_square(preprocess: Preprocess) -> Preprocess:
+    """The training layout: the centre square at the resize side, on which augmentation runs."""
+    side = preprocess.resize
+    return Preprocess(side, side, preprocess.interpolation, preprocess.mean, preprocess.std)
+
+
+def image_train_loader(split: Any, task: str, preprocess: Preprocess, augment: tuple[int, float], batch_size: int, device: str,
+                       *, shuffle_seed: int, augment_seed: int, pixels: Any = None) -> AugmentLoader:
+    """Augmented training batches of ``split``: from decoded ``pixels`` (the training layout) when given,
+    else decoding every image each epoch. Both give the same batches."""
+    targets = _target_tensor(split.targets, task)
+    dataset = _uint8_dataset(pixels, targets) if pixels is not None else _decoding_dataset(split.images, train_square(preprocess), targets)
+    return AugmentLoader(EpochLoader(dataset, len(split), 1, batch_size, device, shuffle_seed),
+                         tensor_augment(preprocess, *augment), preprocess, device, augment_seed)
 
 
 def _target_tensor(targets: Sequence[Any], task: str) -> Any:
@@ -281,7 +417,7 @@ def _target_tensor(targets: Sequence[Any], task: str) -> Any:
 
 
 def _uint8_dataset(pixels: Any, targets: Any) -> Any:
-    """A ``Dataset`` of ``(uint8 (3, H, W) tensor, target)`` read from a memory-mapped ``(N, H, W, 3)`` array."""
+    """A ``Dataset`` of ``(uint8 (3, H, W) tensor, index, target)`` read from a memory-mapped ``(N, H, W, 3)`` array."""
     import numpy as np
     import torch
 
@@ -289,24 +425,42 @@ def _uint8_dataset(pixels: Any, targets: Any) -> Any:
         def __len__(self) -> int:
             return len(pixels)
 
-        def __getitem__(self, index: int) -> tuple[Any, Any]:
-            return torch.from_numpy(np.array(pixels[index])).permute(2, 0, 1), targets[index]
+        def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
+            return torch.from_numpy(np.array(pixels[index])).permute(2, 0, 1), index, targets[index]
 
     return Pixels()
 
 
+def _decoding_dataset(items: Sequence[Any], square: Preprocess, targets: Any) -> Any:
+    """Like :func:`_uint8_dataset`, decoding and cropping each image when it is read (no cache)."""
+    import torch
+
+    from tlengine._preprocess import load_image
+
+    class Decoding(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
+            return torch.from_numpy(square.pixels(load_image(items[index])).copy()).permute(2, 0, 1), index, targets[index]
+
+    return Decoding()
+
+
 def _feature_dataset(views: list[Any], targets: Any) -> Any:
-    """A ``Dataset`` of ``(float32 features, target)``; with several views, each item draws one."""
+    """A ``Dataset`` of ``(float32 features, target)``; item ``v * n + i`` is image ``i`` in view ``v``."""
     import numpy as np
     import torch
 
+    n = len(views[0])
+
     class Features(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return len(views[0])
+            return n * len(views)
 
         def __getitem__(self, index: int) -> tuple[Any, Any]:
-            view = 0 if len(views) == 1 else int(torch.randint(len(views), ()))
-            return torch.from_numpy(np.asarray(views[view][index], dtype=np.float32)), targets[index]
+            view, i = divmod(index, n)
+            return torch.from_numpy(np.array(views[view][i], dtype=np.float32)), targets[i]
 
     return Features()
 
@@ -441,6 +595,20 @@ class Splitter:
                 self._splits[depth, size] = None
                 self.reasons[depth] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         return self._splits[depth, size]
+
+    def joint_prefix(self, root: Any, splits: Sequence[PrefixSplit]) -> Any:
+        """One evaluation-mode module returning the cut outputs of every split in ``splits`` (a tuple, in
+        order) from one pass: the same nodes of the same traced graph, so the same values each prefix gives."""
+        import torch
+
+        graph = copy.deepcopy(self._graphs[1])
+        nodes = {n.name: n for n in graph.nodes}
+        output = next(n for n in graph.nodes if n.op == "output")
+        output.args = (tuple(nodes[split.cut] for split in splits),)
+        graph.owning_module = root
+        graph.eliminate_dead_code()
+        graph.owning_module = None
+        return torch.fx.GraphModule(root, graph, class_name="FrozenPrefixes").eval()
 
     def _find(self, depth: int, size: int) -> PrefixSplit | None:
         if depth < 1 or depth > self.n_stages:
@@ -606,7 +774,7 @@ class SearchCaches:
         from tlengine._preprocess import load_image
 
         side = preprocess.input_size if layout == "eval" else preprocess.resize
-        crop = preprocess if layout == "eval" else Preprocess(side, side, preprocess.interpolation, preprocess.mean, preprocess.std)
+        crop = preprocess if layout == "eval" else train_square(preprocess)
         key = digest("images", FORMAT, self._images_digest(name), layout, side, preprocess.resize, preprocess.interpolation, PIL.__version__)
         items = self._split(name).images
 
@@ -621,62 +789,98 @@ class SearchCaches:
             self._weights = state_digest(self.base.state_dict())
         return self._weights
 
-    def features(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int, augment: tuple[int, float]) -> Any:
-        """fp16 prefix outputs of every image of split ``name`` in view ``view``; ``None`` when they cannot be cached."""
-        import numpy as np
+    def _feature_key(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: tuple[int, float],
+                     seed: int) -> str:
         import timm
         import torch
 
         from tlengine._train import amp_dtype
 
-        dtype = amp_dtype(self.device)
-        key = digest("features", FORMAT, self.backbone_id, self._weights_digest(), split.depth, split.cut, preprocess.to_dict(),
-                     self._images_digest(name), view, augment if view else None, str(dtype), torch.__version__, timm.__version__)
-        augmenter = tensor_augment(preprocess, *augment) if view else None
+        return digest("features", FORMAT, self.backbone_id, self._weights_digest(), split.depth, split.cut, preprocess.to_dict(),
+                      self._images_digest(name), view, None if view is None else (augment, seed), str(amp_dtype(self.device)),
+                      FEATURE_DTYPE, torch.__version__, timm.__version__)
 
-        def fill(out: Any) -> None:
-            pixels = self.pixels(name, preprocess, "eval" if view == 0 else "train")
+    def features(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: tuple[int, float],
+                 seed: int = 0) -> Any:
+        """fp16 prefix outputs of every image of split ``name``: the evaluation crop (``view`` ``None``) or
+        augmented view ``view`` (what an uncached epoch ``view`` feeds the prefix); ``None`` when they cannot be cached.
+
+        The pass that computes them also stores, where the cap has free space, the outputs
+        after fewer frozen stages (they lie on the way): a later trial freezing fewer stages
+        finds its features made.
+        """
+        import numpy as np
+        import torch
+
+        from tlengine._train import amp_dtype
+
+        dtype = amp_dtype(self.device)
+        n = len(self._split(name))
+        key = self._feature_key(split, name, preprocess, view, augment, seed)
+        shallower = {}
+        for depth in range(1, split.depth):
+            other = self.splitter.split(depth, preprocess.input_size)
+            if other is not None:
+                shallower[self._feature_key(other, name, preprocess, view, augment, seed)] = other
+        augmenter = None if view is None else tensor_augment(preprocess, *augment)
+        # decoded first, so that the room left for the extras counts them
+        pixels = None if self.store.path("features", key).is_file() else self.pixels(name, preprocess, "eval" if view is None else "train")
+
+        def fill(out: Any, extras: dict[str, Any] | None = None) -> None:
+            nonlocal pixels
+            extras = {} if extras is None else extras
+            if pixels is None:  # deleted after the check above
+                pixels = self.pixels(name, preprocess, "eval" if view is None else "train")
             if pixels is None:
                 raise _Uncached("the decoded images do not fit under the cap")
             cuda = self.device.startswith("cuda")
-            prefix = split.prefix(self.base.to(self.device)).eval()
+            base = self.base.to(self.device)
+            targets = [(key, out, split), *((k, a, shallower[k]) for k, a in extras.items())]
+            prefix = self.splitter.joint_prefix(base, [t[2] for t in targets]) if extras else split.prefix(base).eval()
             try:
-                with torch.inference_mode(), torch.random.fork_rng(devices=[]), torch.autocast(
-                        self.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                    torch.manual_seed(view)
-                    for start in range(0, len(pixels), _BATCH):
+                with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                    for start in range(0, n, _BATCH):
                         x = torch.from_numpy(np.array(pixels[start:start + _BATCH])).permute(0, 3, 1, 2).to(self.device)
                         if augmenter is not None:
-                            x = torch.stack([augmenter(image) for image in x])
+                            x = augment_batch(x, range(start, start + len(x)), augmenter, seed, view)
                         x = normalize(x, preprocess)
                         if cuda:
                             x = x.contiguous(memory_format=torch.channels_last)
-                        y = prefix(x).float().cpu().numpy()
-                        if not np.isfinite(y).all() or np.abs(y).max(initial=0) > 65504:
-                            raise _Uncached("prefix outputs exceed the fp16 range")
-                        out[start:start + len(y)] = y.astype(np.float16)
+                        ys = prefix(x) if len(targets) > 1 else (prefix(x),)
+                        for (k, array, _), y in zip(targets, ys):
+                            if k != key and k not in extras:
+                                continue  # out of range before: not kept
+                            y = y.float().cpu().numpy()
+                            if not np.isfinite(y).all() or np.abs(y).max(initial=0) > np.finfo(array.dtype).max:
+                                if k == key:
+                                    raise _Uncached(f"prefix outputs exceed the {array.dtype} range")
+                                del extras[k]
+                                continue
+                            array[start:start + len(y)] = y.astype(array.dtype)
             finally:
                 self.base.cpu()
 
+        extras = [(k, (n, *other.feature_shape), FEATURE_DTYPE) for k, other in shallower.items()]
         try:
-            return self.store.get_or_make("features", key, (len(self._split(name)), *split.feature_shape), "float16", fill)
+            return self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
         except _Uncached as exc:
             self.say_once(f"caches: features after {split.depth} stages: {exc}; such trials run on images")
             return None
 
     def prepare(self, model: Any, backbone: Any, *, depth: int, preprocess: Preprocess, augment: tuple[int, float],
-                mixup: bool, batch_size: int, seed: int) -> Prepared | None:
+                mixup: bool, batch_size: int, epochs: int, shuffle_seed: int, augment_seed: int) -> Prepared | None:
         """The model and loaders for one trial; ``None``: use the plain, uncached path.
 
         Trials with frozen stages and no mixup/cutmix (which mix images, not features)
         train on cached prefix features; the others on decoded images, augmented as tensors.
+        Either way the trial trains on what the uncached path would give it (up to fp16
+        features), unless ``--cache-views`` is below ``epochs``.
         """
         from tlengine._train import loader
 
         self.trials += 1
         task = self.data.task
         val_targets = _target_tensor(self.data.val.targets, task)
-        train_targets = _target_tensor(self.data.train.targets, task)
         split = None
         if depth > 0 and not mixup:
             split = self.splitter.split(depth, preprocess.input_size)
@@ -686,20 +890,22 @@ class SearchCaches:
         elif depth > 0:
             self.say_once("caches: trials with mixup or cutmix run on images (they mix images, not features)")
         if split is not None:
-            val = self.features(split, "val", preprocess, 0, augment)
-            views = [self.features(split, "train", preprocess, v, augment) for v in range(self.options.views)]
+            val = self.features(split, "val", preprocess, None, augment)
+            count = min(self.options.views or epochs, epochs)
+            views = [self.features(split, "train", preprocess, v, augment, augment_seed) for v in range(count)]
             if val is not None and all(v is not None for v in views):
                 import numpy as np
                 import torch
 
                 val_key = (split.depth, split.cut, preprocess)
                 if self._val_features is None or self._val_features[0] != val_key:  # keep one: features can be large
-                    dataset = torch.utils.data.TensorDataset(torch.from_numpy(np.asarray(val, dtype=np.float32)), val_targets)
+                    dataset = torch.utils.data.TensorDataset(torch.from_numpy(np.array(val, dtype=np.float32)), val_targets)
                     self._val_features = (val_key, loader(dataset, 64, False, self.device))
                 self.trials_on_features += 1
-                return Prepared(cached_model(split.suffix(backbone), model),
-                                loader(_feature_dataset(views, train_targets), batch_size, True, self.device, seed=seed),
-                                self._val_features[1], True)
+                train_targets = _target_tensor(self.data.train.targets, task)
+                train = EpochLoader(_feature_dataset(views, train_targets), len(train_targets), len(views), batch_size, self.device,
+                                    shuffle_seed)
+                return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True)
             self.say_once(f"caches: features after {depth} stages do not fit under --cache-size-gb {self.options.size_gb:g}; "
                           "such trials run on images")
         eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, "train")
@@ -711,15 +917,17 @@ class SearchCaches:
 
             images = normalize(torch.from_numpy(eval_pixels.copy()).permute(0, 3, 1, 2), preprocess)
             self._val_images[preprocess] = loader(torch.utils.data.TensorDataset(images, val_targets), 64, False, self.device)
-        inner = loader(_uint8_dataset(train_pixels, train_targets), batch_size, True, self.device, seed=seed)
-        return Prepared(model, AugmentLoader(inner, tensor_augment(preprocess, *augment), preprocess, self.device),
-                        self._val_images[preprocess], False)
+        train = image_train_loader(self.data.train, task, preprocess, augment, batch_size, self.device, shuffle_seed=shuffle_seed,
+                                   augment_seed=augment_seed, pixels=train_pixels)
+        return Prepared(model, train, self._val_images[preprocess], False)
 
     def summary(self) -> str:
         """One line: hits and misses, trials on cached features, the folder and its size."""
         hits, misses = self.store.hits, self.store.misses
         parts = [f"{kind} {hits.get(kind, 0)} hit{'s' if hits.get(kind, 0) != 1 else ''}, {misses.get(kind, 0)} computed"
                  for kind in ("images", "features")]
+        if self.store.made_extra.get("features"):
+            parts[-1] += f" (+{self.store.made_extra['features']} for fewer frozen stages on the way)"
         return (f"caches: {'; '.join(parts)}; {self.trials_on_features} of {self.trials} trials on cached features; "
                 f"{self.store.root} ({self.store.size_bytes() / 1e6:.0f} MB)")
 

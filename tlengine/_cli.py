@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode images and run frozen layers anew in every trial (default: cached, see docs/caches.md)")
     s.add_argument("--cache-dir", help="cache folder (default: $TLENGINE_CACHE, else ~/.cache/tlengine)")
     s.add_argument("--cache-size-gb", type=float, default=4.0, help="cap on the cache folder; least recently used files go first (default: 4)")
-    s.add_argument("--cache-views", type=int, default=1,
-                   help="cached training views per image for frozen layers: 1 = the evaluation view, more add augmented ones (default: 1)")
+    s.add_argument("--cache-views", type=int, default=None,
+                   help="cached augmented views per image for frozen layers, reused in turn when fewer than the epochs; "
+                        "fewer trade augmentation for speed (default: one per epoch, exactly as uncached)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")

@@ -73,7 +73,7 @@ class SearchConfig:
     cache: bool = True
     cache_dir: str | None = None
     cache_size_gb: float = 4.0
-    cache_views: int = 1
+    cache_views: int | None = None
     workers: int = 1
     devices: tuple[str, ...] | None = None
     worker: int | None = None
@@ -349,10 +349,10 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
 
     from tlengine._model import build_model
     from tlengine._resume import catch_interrupts, load_checkpoint, recover_dead_workers, retried_from, save_checkpoint, worker_identity
+    from tlengine._cache import image_train_loader
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import (
-        EpochResult, OutOfMemory, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, make_dataset, param_groups, resolve_device,
-        train_transform,
+        EpochResult, OutOfMemory, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, param_groups, resolve_device,
     )
 
     device = resolve_device(config.device)
@@ -462,7 +462,6 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         _run_workers(config, study, storage, study_name, workers, n_trials, remaining, console)
         remaining = 0
 
-    train_sets: dict[tuple[int, tuple[int, float]], Any] = {}
     val_loaders: dict[int, Any] = {}
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     if finished and config.worker is None:
@@ -521,9 +520,12 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             preprocess = Preprocess.from_data_config(data_config, size)
             # caches (tlengine/_cache.py): decoded images, and cached frozen-prefix features on which `fit` trains
             # the trainable suffix (sharing `model`'s modules); None: the plain path below
+            # augmentation is seeded per image and epoch from the search's seed (tlengine._cache.image_seed): every trial,
+            # cached or not, sees the same augmented images, so cached views serve every trial
+            seeds = {"shuffle_seed": config.seed + trial.number, "augment_seed": config.seed}
             prepared = caches.prepare(
                 model, backbone, depth=depth, preprocess=preprocess, augment=augment, mixup=values["mixup"] > 0 or values["cutmix"] > 0,
-                batch_size=values["batch_size"], seed=config.seed + trial.number,
+                batch_size=values["batch_size"], epochs=epochs, **seeds,
             ) if caches else None
             fit_model = prepared.model if prepared else model
             if prepared:
@@ -531,9 +533,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             else:
                 if size not in val_loaders:
                     val_loaders[size] = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
-                if (size, augment) not in train_sets:
-                    train_sets[size, augment] = make_dataset(data.train, train_transform(preprocess, *augment), data.task)
-                train_loader = loader(train_sets[size, augment], values["batch_size"], True, device, seed=config.seed + trial.number)
+                train_loader = image_train_loader(data.train, data.task, preprocess, augment, values["batch_size"], device, **seeds)
                 val_loader = val_loaders[size]
             # end caches
             plan = TrainPlan(

@@ -38,7 +38,7 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "optimizer": ("adamw", False, "optimizer plugin"),
     "warmup": (0.1, False, "fraction of the training steps spent in linear warmup before the cosine decay"),
     "head_epochs": (0, True, "epochs that train only the head before the chosen stages are unfrozen"),
-    "randaugment": (0, True, "RandAugment magnitude (timm create_transform), 0 = off"),
+    "randaugment": (0, True, "RandAugment magnitude on timm's 0..10 scale (2 operations), 0 = off"),
     "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label)"),
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),

@@ -102,41 +102,6 @@ def amp_dtype(device: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def make_dataset(split: Split, transform: Callable[[Any], Any], task: str) -> Any:
-    """A torch ``Dataset`` over ``split`` that loads each image and applies ``transform``."""
-    import torch
-
-    target_dtype = torch.long if task == "classification" else torch.float32
-
-    class SplitDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(split)
-
-        def __getitem__(self, index: int) -> tuple[Any, Any]:
-            image = transform(load_image(split.images[index]))
-            return image, torch.tensor(split.targets[index], dtype=target_dtype)
-
-    return SplitDataset()
-
-
-def train_transform(preprocess: Preprocess, randaugment: int = 0, hflip: float = 0.5) -> Any:
-    """timm's training transform: random resized crop, horizontal flip with probability ``hflip``,
-    and RandAugment at ``randaugment`` magnitude (0 = off)."""
-    from timm.data import create_transform
-
-    return create_transform(
-        preprocess.input_size,
-        is_training=True,
-        scale=(0.5, 1.0),
-        hflip=hflip,
-        color_jitter=None,
-        auto_augment=f"rand-m{randaugment}-n2-mstd0.5" if randaugment else None,
-        interpolation=preprocess.interpolation,
-        mean=preprocess.mean,
-        std=preprocess.std,
-    )
-
-
 def eval_transform(preprocess: Preprocess) -> Any:
     """timm's evaluation transform matching ``preprocess`` (what the ONNX model expects)."""
     from timm.data import create_transform
@@ -165,8 +130,13 @@ def eval_tensors(split: Split, preprocess: Preprocess, task: str) -> Any:
     return torch.utils.data.TensorDataset(images, torch.tensor(list(split.targets), dtype=dtype))
 
 
-def loader(dataset: Any, batch_size: int, shuffle: bool, device: str, seed: int = 0) -> Any:
-    """A ``DataLoader``; worker processes only on CUDA (on CPU they compete with training)."""
+def loader(dataset: Any, batch_size: int, shuffle: bool, device: str, seed: int = 0, *, sampler: Any = None,
+           drop_last: bool | None = None) -> Any:
+    """A ``DataLoader``; worker processes only on CUDA (on CPU they compete with training).
+
+    A shuffled loader drops a last partial batch (unless it is the only one); ``sampler``
+    replaces shuffling (``drop_last`` then says whether to drop it).
+    """
     import os
 
     import torch
@@ -177,7 +147,8 @@ def loader(dataset: Any, batch_size: int, shuffle: bool, device: str, seed: int 
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > batch_size,
+        sampler=sampler,
+        drop_last=(shuffle and len(dataset) > batch_size) if drop_last is None else drop_last,
         num_workers=workers,
         pin_memory=device.startswith("cuda"),
         persistent_workers=workers > 0,
@@ -390,6 +361,8 @@ def fit(
     for epoch in range(first_epoch, plan.epochs):
         start = time.perf_counter()
         on_epoch_start(epoch)
+        if hasattr(train_loader, "set_epoch"):  # the epoch's augmentation, or cached view
+            train_loader.set_epoch(epoch)
         train_mode(model)
         epoch_rng = rng_state(generator)  # replays this epoch's batch order on a mid-epoch resume
         total_loss, seen = 0.0, 0
