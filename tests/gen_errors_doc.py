@@ -2,8 +2,8 @@
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import test_errors as t
-COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)")
-sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 39), ("Storage and studies", 39, 45), ("Weights and models", 45, 50), ("Environment", 50, 52)]
+COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "its own image size", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)")
+sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 41), ("Storage and studies", 41, 47), ("Weights and models", 47, 52), ("Environment", 52, 54)]
 out = ["# Errors", "",
 "Every user mistake ends in one line on stderr that names the file or option and says what",
 "to do, with exit code 2 and no traceback (`tlengine --debug ...` shows it). Broken images",

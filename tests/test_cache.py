@@ -317,3 +317,44 @@ def test_fewer_views_reuse_them_in_turn(tiny_folder: Path, tmp_path: Path, capsy
 def test_no_cache_writes_nothing(tiny_folder: Path, tmp_path: Path) -> None:
     search(tiny_folder, tmp_path / "a", tmp_path / "cache", "--no-cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_threaded_decode_equals_serial(tiny_folder: Path, tmp_path: Path) -> None:
+    """Decode-once on several threads writes the same bytes as on one, and a broken file still raises."""
+    import numpy as np
+
+    from tlengine._cache import decode_into
+    from tlengine._preprocess import Preprocess
+
+    items = sorted((tiny_folder / "train").rglob("*.png"))
+    crop = Preprocess(24, 28, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    serial, threaded = (np.zeros((len(items), 24, 24, 3), np.uint8) for _ in range(2))
+    decode_into(serial, items, crop, threads=1)
+    decode_into(threaded, items, crop, threads=4)
+    assert serial.any() and np.array_equal(serial, threaded)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(OSError):
+        decode_into(np.zeros((3, 24, 24, 3), np.uint8), [items[0], broken, items[1]], crop, threads=2)
+
+
+@pytest.mark.parametrize("depth", [3, 0])
+def test_early_epochs_at_a_lower_resolution(depth: int, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--early-size 16``: epoch 1 trains at 16 px, epoch 2 at 32 px, cached (each size's own features, only the
+    views its epochs use) or not, with the same result."""
+    import optuna
+
+    fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--early-size", "16"]
+    cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
+    err = capsys.readouterr().err
+    # per size: validation and the view of its one epoch
+    assert f"features 0 hits, {4 if depth else 0} computed" in err and f"{1 if depth else 0} of 1 trials on cached features" in err
+    plain = search(tiny_folder, tmp_path / "b", tmp_path / "cache", "--no-cache", *fixed)
+    full = search(tiny_folder, tmp_path / "c", tmp_path / "cache", *fixed[:-2])
+    trial = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'a' / 's' / 'study.db'}").trials[0]
+    assert trial.user_attrs["early"] == {"image_size": 16, "epochs": 1}
+    if depth == 0:
+        assert cached == plain
+    for a, b in zip(plain["history"], cached["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2, abs=1e-3)
+    assert cached["history"][0]["train_loss"] != full["history"][0]["train_loss"]  # epoch 1 really ran at 16 px

@@ -244,6 +244,39 @@ class Store:
         return sum(size for _, size, _ in self.files())
 
 
+def decode_threads() -> int:
+    """Threads for decoding: the CPUs this process may run on, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus))
+
+
+def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int | None = None) -> None:
+    """Decode, resize and crop every item into ``out[i]`` (uint8 ``(N, H, W, 3)``), on ``threads`` threads
+    (default :func:`decode_threads`).
+
+    Threads, not processes: Pillow releases the GIL while it decodes and resizes, and the
+    threads write straight into the memory-mapped output.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tlengine._preprocess import load_image
+
+    def one(i: int) -> None:
+        out[i] = crop.pixels(load_image(items[i]))
+
+    threads = decode_threads() if threads is None else threads
+    if threads <= 1 or len(items) < 2:
+        for i in range(len(items)):
+            one(i)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="tlengine-decode") as pool:
+        for _ in pool.map(one, range(len(items))):  # re-raises the first error
+            pass
+
+
 def _nbytes(shape: Sequence[int], dtype: str) -> int:
     import numpy as np
 
@@ -305,17 +338,17 @@ def augment_batch(images: Any, indices: Sequence[int], augment: Any, seed: int, 
 
 class EpochSampler:
     """A new random order of ``n`` images each epoch, drawn from ``generator`` as ``RandomSampler`` does;
-    in epoch ``e`` the indices point into view ``e % views`` (offset ``n`` per view).
+    in epoch ``e`` the indices point into view ``(e - first) % views`` (offset ``n`` per view).
 
     ``set_epoch`` follows ``DistributedSampler``'s convention; the sampler runs in the main
     process, so loader worker processes need not know the epoch.
     """
 
-    def __init__(self, n: int, views: int, generator: Any) -> None:
-        self.n, self.views, self.generator, self.epoch = n, views, generator, 0
+    def __init__(self, n: int, views: int, generator: Any, first: int = 0) -> None:
+        self.n, self.views, self.generator, self.first, self.epoch = n, views, generator, first, first
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the next order's indices from view ``epoch % views``."""
+        """Draw the next order's indices from the view of epoch ``epoch``."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -324,7 +357,7 @@ class EpochSampler:
     def __iter__(self) -> Any:
         import torch
 
-        offset = (self.epoch % self.views) * self.n
+        offset = ((self.epoch - self.first) % self.views) * self.n
         return iter((torch.randperm(self.n, generator=self.generator) + offset).tolist())
 
 
@@ -338,20 +371,25 @@ class EpochLoader:
         batch_size: Images per batch (the last partial batch dropped when there is more than one).
         device: Where training runs (worker processes only on CUDA).
         seed: Seeds the shuffle order.
+        first: The epoch view 0 belongs to.
     """
 
-    def __init__(self, dataset: Any, n: int, views: int, batch_size: int, device: str, seed: int) -> None:
+    def __init__(self, dataset: Any, n: int, views: int, batch_size: int, device: str, seed: int, first: int = 0) -> None:
         import torch
 
         from tlengine._train import loader
 
-        self.sampler = EpochSampler(n, views, torch.Generator().manual_seed(seed))
+        self.sampler = EpochSampler(n, views, torch.Generator().manual_seed(seed), first)
         self.inner = loader(dataset, batch_size, False, device, sampler=self.sampler, drop_last=n > batch_size)
 
     @property
     def generator(self) -> Any:
         """The shuffle generator (``fit`` saves and restores it to resume an epoch's order)."""
         return self.sampler.generator
+
+    @generator.setter
+    def generator(self, generator: Any) -> None:
+        self.sampler.generator = generator
 
     def set_epoch(self, epoch: int) -> None:
         """Called by ``fit`` before each epoch."""
@@ -382,6 +420,10 @@ class AugmentLoader:
     def generator(self) -> Any:
         """The shuffle generator (``fit`` saves and restores it to resume an epoch's order)."""
         return self.inner.generator
+
+    @generator.setter
+    def generator(self, generator: Any) -> None:
+        self.inner.generator = generator
 
     def set_epoch(self, epoch: int) -> None:
         """Called by ``fit`` before each epoch: epoch ``epoch``'s augmentation."""
@@ -713,12 +755,14 @@ class Prepared:
         train_loader: Training batches.
         val_loader: Validation batches.
         features: ``True`` when the loaders yield cached prefix features.
+        cut: The graph node the features come from (``None`` on images).
     """
 
     model: Any
     train_loader: Any
     val_loader: Any
     features: bool
+    cut: str | None = None
 
 
 class SearchCaches:
@@ -771,18 +815,12 @@ class SearchCaches:
         (the centre square at the resize side); ``None`` if they do not fit under the cap."""
         import PIL
 
-        from tlengine._preprocess import load_image
-
         side = preprocess.input_size if layout == "eval" else preprocess.resize
         crop = preprocess if layout == "eval" else train_square(preprocess)
         key = digest("images", FORMAT, self._images_digest(name), layout, side, preprocess.resize, preprocess.interpolation, PIL.__version__)
         items = self._split(name).images
 
-        def fill(out: Any) -> None:
-            for i, item in enumerate(items):
-                out[i] = crop.pixels(load_image(item))
-
-        return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", fill)
+        return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", lambda out: decode_into(out, items, crop))
 
     def _weights_digest(self) -> str:
         if self._weights is None:
@@ -868,17 +906,20 @@ class SearchCaches:
             return None
 
     def prepare(self, model: Any, backbone: Any, *, depth: int, preprocess: Preprocess, augment: tuple[int, float],
-                mixup: bool, batch_size: int, epochs: int, shuffle_seed: int, augment_seed: int) -> Prepared | None:
+                mixup: bool, batch_size: int, epochs: int, shuffle_seed: int, augment_seed: int, first_epoch: int = 0,
+                count: bool = True) -> Prepared | None:
         """The model and loaders for one trial; ``None``: use the plain, uncached path.
 
         Trials with frozen stages and no mixup/cutmix (which mix images, not features)
         train on cached prefix features; the others on decoded images, augmented as tensors.
         Either way the trial trains on what the uncached path would give it (up to fp16
-        features), unless ``--cache-views`` is below ``epochs``.
+        features), unless ``--cache-views`` is below the epochs. The loaders serve epochs
+        ``first_epoch`` to ``epochs - 1`` (a trial's early epochs at another size get loaders of
+        their own); ``count``: ``False`` for a trial's second preparation, left out of the summary.
         """
         from tlengine._train import loader
 
-        self.trials += 1
+        self.trials += count
         task = self.data.task
         val_targets = _target_tensor(self.data.val.targets, task)
         split = None
@@ -891,8 +932,9 @@ class SearchCaches:
             self.say_once("caches: trials with mixup or cutmix run on images (they mix images, not features)")
         if split is not None:
             val = self.features(split, "val", preprocess, None, augment)
-            count = min(self.options.views or epochs, epochs)
-            views = [self.features(split, "train", preprocess, v, augment, augment_seed) for v in range(count)]
+            served = max(1, epochs - first_epoch)
+            views = [self.features(split, "train", preprocess, first_epoch + v, augment, augment_seed)
+                     for v in range(min(self.options.views or served, served))]
             if val is not None and all(v is not None for v in views):
                 import numpy as np
                 import torch
@@ -901,11 +943,11 @@ class SearchCaches:
                 if self._val_features is None or self._val_features[0] != val_key:  # keep one: features can be large
                     dataset = torch.utils.data.TensorDataset(torch.from_numpy(np.array(val, dtype=np.float32)), val_targets)
                     self._val_features = (val_key, loader(dataset, 64, False, self.device))
-                self.trials_on_features += 1
+                self.trials_on_features += count
                 train_targets = _target_tensor(self.data.train.targets, task)
                 train = EpochLoader(_feature_dataset(views, train_targets), len(train_targets), len(views), batch_size, self.device,
-                                    shuffle_seed)
-                return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True)
+                                    shuffle_seed, first_epoch)
+                return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True, split.cut)
             self.say_once(f"caches: features after {depth} stages do not fit under --cache-size-gb {self.options.size_gb:g}; "
                           "such trials run on images")
         eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, "train")

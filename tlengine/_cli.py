@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-views", type=int, default=None,
                    help="cached augmented views per image for frozen layers, reused in turn when fewer than the epochs; "
                         "fewer trade augmentation for speed (default: one per epoch, exactly as uncached)")
+    s.add_argument("--early-size", type=_positive_int, metavar="PX",
+                   help="train and validate the first --early-epochs epochs of each trial at PX pixels: cheaper early pruning "
+                        "rungs (see benchmarks/early_rungs.py for when the ranking holds; default: off)")
+    s.add_argument("--early-epochs", type=_positive_int, default=1, help="epochs at --early-size (default: 1)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
@@ -181,6 +185,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else None,
         worker=args.worker, argv=tuple(args.argv),
         cache=args.cache, cache_dir=args.cache_dir, cache_size_gb=args.cache_size_gb, cache_views=args.cache_views,
+        early_size=args.early_size, early_epochs=args.early_epochs,
     )
     try:
         result = run_search(config, console)

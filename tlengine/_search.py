@@ -44,6 +44,9 @@ class SearchConfig:
             names the flag in messages.
         cache: Decode images once and cache frozen-prefix features (``--no-cache``: off);
             ``cache_dir``, ``cache_size_gb`` and ``cache_views`` as in :class:`tlengine._cache.CacheOptions`.
+        early_size: Train and validate the first ``early_epochs`` epochs of every trial at this
+            side in pixels (trials whose image size is not larger keep theirs): cheaper early
+            pruning rungs. ``None``: every epoch at the trial's image size.
     """
 
     data: str | None = None
@@ -74,6 +77,8 @@ class SearchConfig:
     cache_dir: str | None = None
     cache_size_gb: float = 4.0
     cache_views: int | None = None
+    early_size: int | None = None
+    early_epochs: int = 1
     workers: int = 1
     devices: tuple[str, ...] | None = None
     worker: int | None = None
@@ -275,6 +280,10 @@ def _check_numbers(config: SearchConfig, options: dict[str, Any]) -> None:
         raise UserError(f"--task {config.task}: expected classification or regression")
     if config.workers < 1:
         raise UserError(f"--workers {config.workers}: must be a positive integer")
+    if config.early_size is not None and config.early_size < 16:
+        raise UserError(f"--early-size {config.early_size}: must be at least 16 pixels")
+    if config.early_epochs < 1:
+        raise UserError(f"--early-epochs {config.early_epochs}: must be a positive integer")
     from tlengine._cache import CacheOptions
 
     CacheOptions(config.cache, config.cache_dir, config.cache_size_gb, config.cache_views).check()
@@ -352,7 +361,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     from tlengine._cache import image_train_loader
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import (
-        EpochResult, OutOfMemory, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, param_groups, resolve_device,
+        EpochResult, OutOfMemory, PhasedLoader, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, param_groups, resolve_device,
     )
 
     device = resolve_device(config.device)
@@ -380,6 +389,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     data_config = resolve_data_config(model=base)
     image_size = options.get("image_size") or suggested.get("image_size") or data_config["input_size"][-1]
     epochs = options.get("epochs") or suggested.get("epochs") or DEFAULT_EPOCHS
+    if config.early_size is not None and config.early_epochs >= epochs:
+        raise UserError(f"--early-epochs {config.early_epochs}: must be fewer than the {epochs} epochs per trial (--epochs), "
+                        "so that every trial ends at its own image size")
     n_trials = options.get("trials") or suggested.get("trials") or DEFAULT_TRIALS
     stages = backbone_stages(base)
     if not stages:
@@ -402,12 +414,15 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     )
     size_dim = space["image_size"]
     sizes = [size_dim.value] if not size_dim.searched else list(size_dim.choices) if size_dim.kind == "categorical" else [size_dim.low, size_dim.high]
-    for size in sizes:
+    probes = [(int(size), "--image-size") for size in sizes]
+    if config.early_size is not None and any(config.early_size < size for size, _ in probes):
+        probes.append((config.early_size, "--early-size"))
+    for size, option in probes:
         try:
             with torch.inference_mode():
-                base.eval()(torch.zeros(1, 3, int(size), int(size)))
+                base.eval()(torch.zeros(1, 3, size, size))
         except Exception as exc:
-            raise UserError(f"--image-size {size}: the backbone cannot take it ({type(exc).__name__}: {first_line(exc)})") from exc
+            raise UserError(f"{option} {size}: the backbone cannot take it ({type(exc).__name__}: {first_line(exc)})") from exc
     data_config = {k: data_config[k] for k in ("mean", "std", "interpolation", "crop_pct")}
     searched = tuple(name for name, dim in space.items() if dim.searched)
     grid = {name: space[name].grid() for name in searched} if sampler_name == "grid" else None
@@ -523,18 +538,42 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             # augmentation is seeded per image and epoch from the search's seed (tlengine._cache.image_seed): every trial,
             # cached or not, sees the same augmented images, so cached views serve every trial
             seeds = {"shuffle_seed": config.seed + trial.number, "augment_seed": config.seed}
+            mixup = values["mixup"] > 0 or values["cutmix"] > 0
+            early = config.early_size if config.early_size is not None and config.early_size < size else None
             prepared = caches.prepare(
-                model, backbone, depth=depth, preprocess=preprocess, augment=augment, mixup=values["mixup"] > 0 or values["cutmix"] > 0,
-                batch_size=values["batch_size"], epochs=epochs, **seeds,
+                model, backbone, depth=depth, preprocess=preprocess, augment=augment, mixup=mixup, batch_size=values["batch_size"],
+                epochs=epochs, first_epoch=config.early_epochs if early else 0, **seeds,
             ) if caches else None
+            early_prepared = None
+            if early is not None:  # the first epochs at a lower resolution, with the same model (or cached suffix)
+                early_pre = Preprocess.from_data_config(data_config, early)
+                on_features = bool(prepared and prepared.features)
+                early_prepared = caches.prepare(
+                    model, backbone, depth=depth if on_features else 0, preprocess=early_pre, augment=augment, mixup=mixup,
+                    batch_size=values["batch_size"], epochs=config.early_epochs, count=False, **seeds,
+                ) if caches else None
+                if on_features and not (early_prepared and early_prepared.features and early_prepared.cut == prepared.cut):
+                    console.print(f"{worker_label}trial {trial.number}: no cached features at {early}px to match those at {size}px; "
+                                  f"all its epochs at {size}px")
+                    early = None
+                    prepared = caches.prepare(model, backbone, depth=depth, preprocess=preprocess, augment=augment, mixup=mixup,
+                                              batch_size=values["batch_size"], epochs=epochs, count=False, **seeds)
             fit_model = prepared.model if prepared else model
-            if prepared:
-                train_loader, val_loader = prepared.train_loader, prepared.val_loader
+            loaders = []
+            for phase_size, phase_pre, phase in ((early, early_pre, early_prepared), (size, preprocess, prepared)) if early else ((size, preprocess, prepared),):
+                if phase:
+                    loaders.append((phase.train_loader, phase.val_loader))
+                    continue
+                if phase_size not in val_loaders:
+                    val_loaders[phase_size] = loader(eval_tensors(data.val, phase_pre, data.task), 64, False, device)
+                loaders.append((image_train_loader(data.train, data.task, phase_pre, augment, values["batch_size"], device, **seeds),
+                                val_loaders[phase_size]))
+            if early:
+                train_loader = PhasedLoader([(config.early_epochs, loaders[0][0]), (epochs, loaders[1][0])])
+                val_loader = PhasedLoader([(config.early_epochs, loaders[0][1]), (epochs, loaders[1][1])])
+                trial.set_user_attr("early", {"image_size": early, "epochs": config.early_epochs})
             else:
-                if size not in val_loaders:
-                    val_loaders[size] = loader(eval_tensors(data.val, preprocess, data.task), 64, False, device)
-                train_loader = image_train_loader(data.train, data.task, preprocess, augment, values["batch_size"], device, **seeds)
-                val_loader = val_loaders[size]
+                train_loader, val_loader = loaders[0]
             # end caches
             plan = TrainPlan(
                 epochs=epochs, task=data.task, metric=metric, label_smoothing=values["label_smoothing"], warmup=values["warmup"],

@@ -102,6 +102,43 @@ def amp_dtype(device: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class PhasedLoader:
+    """One loader per range of epochs (say, the first epochs at a lower resolution), switched by ``set_epoch``.
+
+    Args:
+        phases: ``(end, loader)`` pairs: ``loader`` serves the epochs below ``end`` not
+            served by an earlier pair; the last serves every later epoch. Training phases
+            must yield the same number of batches (the learning-rate schedule counts them)
+            and share one shuffle generator, which they are given here, so that a resumed
+            trial replays the same order whatever phase it stopped in.
+    """
+
+    def __init__(self, phases: list[tuple[int, Any]]) -> None:
+        self.phases = phases
+        self.current = phases[0][1]
+        generator = getattr(self.current, "generator", None)
+        for _, other in phases[1:]:
+            if generator is not None and hasattr(other, "generator"):
+                other.generator = generator
+
+    @property
+    def generator(self) -> Any:
+        """The shuffle generator all phases share (``None`` for unshuffled loaders)."""
+        return getattr(self.current, "generator", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve epoch ``epoch`` from its phase's loader."""
+        self.current = next((item for end, item in self.phases if epoch < end), self.phases[-1][1])
+        if hasattr(self.current, "set_epoch"):
+            self.current.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def __iter__(self) -> Any:
+        return iter(self.current)
+
+
 def eval_transform(preprocess: Preprocess) -> Any:
     """timm's evaluation transform matching ``preprocess`` (what the ONNX model expects)."""
     from timm.data import create_transform
@@ -361,8 +398,9 @@ def fit(
     for epoch in range(first_epoch, plan.epochs):
         start = time.perf_counter()
         on_epoch_start(epoch)
-        if hasattr(train_loader, "set_epoch"):  # the epoch's augmentation, or cached view
-            train_loader.set_epoch(epoch)
+        for epoch_loader in (train_loader, val_loader):  # the epoch's augmentation, cached view or resolution
+            if hasattr(epoch_loader, "set_epoch"):
+                epoch_loader.set_epoch(epoch)
         train_mode(model)
         epoch_rng = rng_state(generator)  # replays this epoch's batch order on a mid-epoch resume
         total_loss, seen = 0.0, 0
