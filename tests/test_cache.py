@@ -86,7 +86,7 @@ def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str,
     """``fit`` on cached features (suffix + head) follows ``fit`` on images decoded and augmented every epoch,
     for a linear probe and a partial freeze: the cached views are the uncached epochs' augmented images.
 
-    With features stored in fp32 the two runs are identical, bit for bit: same images, order and
+    With features stored in fp32 the two runs agree to float32 rounding: same images, order and
     augmentation. In fp16 (the default) losses and scores agree to fp16 precision, and so do the
     linear probe's weights; a partial freeze's weights are not compared there, because BatchNorm
     statistics over 8 images amplify fp16 rounding of the inputs to several percent in 6 steps.
@@ -129,9 +129,11 @@ def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str,
                 history = fit(model, optimizer, images, val, plan, device="cpu")
             runs.append((history, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
         (plain, plain_state), (cached_history, cached_state) = runs
-        if dtype == "float32":
-            assert [(r.train_loss, r.score) for r in cached_history] == [(r.train_loss, r.score) for r in plain]
-            assert all(torch.equal(cached_state[n], w) for n, w in plain_state.items())
+        if dtype == "float32":  # equal up to float32 rounding (the prefix runs at another batch size when cached)
+            assert [r.score for r in cached_history] == [r.score for r in plain]
+            assert [r.train_loss for r in cached_history] == pytest.approx([r.train_loss for r in plain], rel=1e-6)
+            for name, weight in plain_state.items():
+                torch.testing.assert_close(cached_state[name], weight, rtol=1e-4, atol=1e-6, msg=name)
         for a, b in zip(plain, cached_history):
             assert b.train_loss == pytest.approx(a.train_loss, rel=1e-2, abs=1e-3)
             assert b.score == pytest.approx(a.score, abs=1 / 12 + 1e-9)  # at most one of 12 validation images differs

@@ -454,6 +454,8 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
         "target_mean": target_mean, "target_std": target_std, "dataset": dataset_record.name, "data": data_ref,
         "val_fraction": config.val_fraction, "seed": config.seed,
         "space": {name: dim.to_dict() for name, dim in space.items()},
+        # early rungs at another size score differently: a study keeps one setting
+        "early": {"image_size": config.early_size, "epochs": config.early_epochs} if config.early_size else None,
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, created = open_study(storage, study_name, directions, sampler, pruner, study_config)

@@ -16,7 +16,7 @@ from tlengine.plugins import Registry
 #: Study-config keys that define the objective: a study resumed with other values is refused.
 OBJECTIVE_KEYS = (
     "backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",
-    "dataset", "data", "val_fraction", "space",
+    "dataset", "data", "val_fraction", "space", "early",
 )
 
 
