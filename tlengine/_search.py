@@ -356,9 +356,9 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     from safetensors.torch import save_model
     from timm.data import resolve_data_config
 
+    from tlengine._cache import image_train_loader
     from tlengine._model import build_model
     from tlengine._resume import catch_interrupts, load_checkpoint, recover_dead_workers, retried_from, save_checkpoint, worker_identity
-    from tlengine._cache import image_train_loader
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import (
         EpochResult, OutOfMemory, PhasedLoader, TrialInterrupted, TrainPlan, eval_tensors, fit, loader, param_groups, resolve_device,
