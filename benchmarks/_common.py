@@ -48,3 +48,13 @@ def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequenc
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def fixed_trials_study(storage: str, name: str, trials: Sequence[tuple[int, float]]) -> None:
+    """Create a maximising study at ``storage`` with one enqueued trial per ``(freeze depth, lr)``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for depth, lr in trials:
+        study.enqueue_trial({"freeze_depth": depth, "lr": lr})

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import fixed_trials_study, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fashion-mnist-2k"
@@ -36,17 +36,13 @@ FIXED = {"layer_decay": 1.0, "label_smoothing": 0.0}
 
 
 def run(out: Path, name: str, epochs: int, size: int, cache: bool, cache_dir: Path, views: int | None = None) -> tuple:
-    import optuna
     from rich.console import Console
 
     from tlengine._search import SearchConfig, run_search
 
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out / f'{name}.db'}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    for depth, lr in TRIALS:
-        study.enqueue_trial({"freeze_depth": depth, "lr": lr})
+    fixed_trials_study(storage, name, TRIALS)
     config = SearchConfig(
         data=str(DATA), epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=str(out),
         study_name=name, storage=storage, params=tuple((k, v, f"--param {k}") for k, v in FIXED.items()),

@@ -262,10 +262,8 @@ def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int |
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tlengine._preprocess import load_image
-
     def one(i: int) -> None:
-        out[i] = crop.pixels(load_image(items[i]))
+        out[i] = crop.pixels(items[i])  # pixels() loads the item (tlengine._preprocess.load_image)
 
     threads = decode_threads() if threads is None else threads
     if threads <= 1 or len(items) < 2:
@@ -403,37 +401,29 @@ class EpochLoader:
         return iter(self.inner)
 
 
-class AugmentLoader:
-    """Batches of decoded uint8 images, augmented on the loader's device (:func:`augment_batch`) and normalised.
+class AugmentLoader(EpochLoader):
+    """An :class:`EpochLoader` of decoded uint8 ``(image, index, target)`` whose batches are augmented on
+    ``device`` (the GPU when there is one) with epoch ``e``'s seeds (:func:`augment_batch`), then normalised.
 
-    Wraps an :class:`EpochLoader` of ``(image, index, target)``; batches arrive on
-    ``device`` (the GPU when there is one).
+    Args:
+        dataset: Items ``(uint8 (3, H, W) image, index, target)``.
+        batch_size: Images per batch.
+        device: Where training runs.
+        shuffle_seed: Seeds the shuffle order.
+        augment: The augmentation (:func:`tensor_augment`).
+        preprocess: Its normalisation.
+        augment_seed: The search's seed for :func:`image_seed`.
     """
 
-    def __init__(self, inner: EpochLoader, augment: Any, preprocess: Preprocess, device: str, seed: int) -> None:
-        self.inner, self.augment, self.preprocess, self.device, self.seed = inner, augment, preprocess, device, seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    @property
-    def generator(self) -> Any:
-        """The shuffle generator (``fit`` saves and restores it to resume an epoch's order)."""
-        return self.inner.generator
-
-    @generator.setter
-    def generator(self, generator: Any) -> None:
-        self.inner.generator = generator
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by ``fit`` before each epoch: epoch ``epoch``'s augmentation."""
-        self.epoch = epoch
-        self.inner.set_epoch(epoch)
+    def __init__(self, dataset: Any, batch_size: int, device: str, shuffle_seed: int, augment: Any, preprocess: Preprocess,
+                 augment_seed: int) -> None:
+        super().__init__(dataset, len(dataset), 1, batch_size, device, shuffle_seed)
+        self.augment, self.preprocess, self.device, self.seed = augment, preprocess, device, augment_seed
 
     def __iter__(self) -> Any:
+        epoch = self.sampler.epoch
         for x, index, y in self.inner:
-            x = augment_batch(x.to(self.device, non_blocking=True), index.tolist(), self.augment, self.seed, self.epoch)
+            x = augment_batch(x.to(self.device, non_blocking=True), index.tolist(), self.augment, self.seed, epoch)
             yield normalize(x, self.preprocess), y
 
 
@@ -449,8 +439,7 @@ def image_train_loader(split: Any, task: str, preprocess: Preprocess, augment: t
     else decoding every image each epoch. Both give the same batches."""
     targets = _target_tensor(split.targets, task)
     dataset = _uint8_dataset(pixels, targets) if pixels is not None else _decoding_dataset(split.images, train_square(preprocess), targets)
-    return AugmentLoader(EpochLoader(dataset, len(split), 1, batch_size, device, shuffle_seed),
-                         tensor_augment(preprocess, *augment), preprocess, device, augment_seed)
+    return AugmentLoader(dataset, batch_size, device, shuffle_seed, tensor_augment(preprocess, *augment), preprocess, augment_seed)
 
 
 def _target_tensor(targets: Sequence[Any], task: str) -> Any:
@@ -478,14 +467,12 @@ def _decoding_dataset(items: Sequence[Any], square: Preprocess, targets: Any) ->
     """Like :func:`_uint8_dataset`, decoding and cropping each image when it is read (no cache)."""
     import torch
 
-    from tlengine._preprocess import load_image
-
     class Decoding(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(items)
 
         def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
-            return torch.from_numpy(square.pixels(load_image(items[index])).copy()).permute(2, 0, 1), index, targets[index]
+            return torch.from_numpy(square.pixels(items[index]).copy()).permute(2, 0, 1), index, targets[index]
 
     return Decoding()
 
