@@ -35,7 +35,7 @@ def main() -> None:
 
     from tlengine import DatasetOptions, Preprocess
     from tlengine._export import export_onnx
-    from tlengine._model import build_model
+    from tlengine._model import build_model, feature_width
     from tlengine.plugins import get_registry
 
     torch.set_num_threads(args.threads)
@@ -48,7 +48,7 @@ def main() -> None:
         images = torch.from_numpy(np.stack([preprocess(img) for img in demo.val.images[:32]]))
         torch.manual_seed(0)
         # Logits, not probabilities: the stricter comparison (softmax shrinks differences).
-        model = build_model(backbone, registry.heads["linear"].factory(backbone.num_features, 10, "classification"), "classification").eval()
+        model = build_model(backbone, registry.heads["linear"].factory(feature_width(backbone), 10, "classification"), "classification").eval()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
             parity = export_onnx(model, path, images, {"task": "classification"})

@@ -7,7 +7,7 @@ import pytest
 from tlengine.testing import BackboneContract, HeadContract, OptimizerContract
 
 
-@pytest.mark.parametrize("backbone", ["timm:test_efficientnet", "timm:test_vit", "timm:resnet10t", "timm:test_convnext"])
+@pytest.mark.parametrize("backbone", ["timm:test_efficientnet", "timm:test_vit", "timm:resnet10t", "timm:test_convnext", "timm:mobilenetv3_small_050"])
 class TestTimmBackbones(BackboneContract):
     @pytest.fixture(autouse=True)
     def _spec(self, backbone: str) -> None:

@@ -192,7 +192,7 @@ def trial_model(registry: Any, config: Mapping[str, Any], values: Mapping[str, A
     """
     from safetensors.torch import load_model
 
-    from tlengine._model import build_model
+    from tlengine._model import build_model, feature_width
 
     head_name = values["head"]
     if config["backbone"] not in registry.backbones or head_name not in registry.heads:
@@ -203,7 +203,7 @@ def trial_model(registry: Any, config: Mapping[str, Any], values: Mapping[str, A
     outputs = len(config["classes"]) if config["task"] == "classification" else 1
     head_record = registry.heads[head_name]
     head_kwargs = {p: values[f"{head_name}.{p}"] for p in head_record.params if f"{head_name}.{p}" in values}
-    head = head_record.factory(backbone.num_features, outputs, config["task"], **head_kwargs)
+    head = head_record.factory(feature_width(backbone), outputs, config["task"], **head_kwargs)
     model = build_model(backbone, head, config["task"], config["target_mean"], config["target_std"])
     load_model(model, str(checkpoint))
     return model.eval()

@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def feature_width(backbone: Any) -> int:
+    """The width of ``backbone``'s pooled features: what its head takes.
+
+    timm's ``head_hidden_size`` where the module has one, since models with a
+    convolution after the pooling (MobileNetV3 and V4, GhostNet) output that many
+    features rather than ``num_features`` (the last feature map's channels);
+    ``num_features`` otherwise.
+    """
+    width = getattr(backbone, "head_hidden_size", None)
+    return int(width) if width else int(backbone.num_features)
+
+
 def build_model(backbone: Any, head: Any, task: str, target_mean: float = 0.0, target_std: float = 1.0) -> Any:
     """Join ``backbone`` and ``head`` into one module.
 

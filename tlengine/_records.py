@@ -18,7 +18,8 @@ class Backbone:
         factory: ``factory(arch, weights) -> torch.nn.Module``. ``arch`` is the part after
             the colon (``None`` when absent); ``weights`` is ``"auto"``, ``"hub"``,
             ``"none"``, a file path or ``"pkg:DISTRIBUTION"``. The module maps an image
-            batch to pooled features of shape ``(batch, module.num_features)``, and offers
+            batch to pooled features of shape ``(batch, width)`` (``width``: the module's
+            ``head_hidden_size`` where it has one, else ``num_features``), and offers
             timm's ``group_matcher(coarse=True)`` (its stages) and ``pretrained_cfg``
             (mean, std, interpolation, crop_pct, input_size).
         description: One line for ``tlengine plugins``.

@@ -357,7 +357,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
     from timm.data import resolve_data_config
 
     from tlengine._cache import image_train_loader
-    from tlengine._model import build_model
+    from tlengine._model import build_model, feature_width
     from tlengine._resume import catch_interrupts, load_checkpoint, recover_dead_workers, retried_from, save_checkpoint, worker_identity
     from tlengine._stages import backbone_stages, freeze_stages
     from tlengine._train import (
@@ -529,7 +529,7 @@ def run_search(config: SearchConfig, console: Any) -> SearchResult:
             backbone = backbone_record.factory(arch, "none")
             backbone.load_state_dict(base_state)
             freeze_stages(backbone, depth)
-            head = head_record.factory(base.num_features, num_outputs, data.task, **head_kwargs)
+            head = head_record.factory(feature_width(base), num_outputs, data.task, **head_kwargs)
             model = build_model(backbone, head, data.task, target_mean, target_std)
             groups = param_groups(model, values["weight_decay"], values["layer_decay"])
             optimizer = opt_record.factory(groups, values["lr"], values["weight_decay"], **opt_kwargs)

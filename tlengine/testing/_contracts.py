@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tlengine._model import feature_width
 from tlengine._records import DatasetOptions, ImageData
 from tlengine.plugins import get_registry
 
@@ -40,7 +41,7 @@ class BackboneContract:
         model.eval()
         with torch.no_grad():
             out = model(_tiny_images(2, self.image_size))
-        assert out.shape == (2, model.num_features)
+        assert out.shape == (2, feature_width(model))
 
     def test_stages_cover_every_parameter_once(self, model: Any) -> None:
         from tlengine._stages import backbone_stages
@@ -75,7 +76,7 @@ class BackboneContract:
         freeze_stages(model, depth)
         frozen = {n for stage in stages[:depth] for n in stage}
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        head = torch.nn.Linear(model.num_features, 3)
+        head = torch.nn.Linear(feature_width(model), 3)
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         optimizer = torch.optim.SGD(params, lr=0.5)
         net = torch.nn.Sequential(model, head)
