@@ -3,9 +3,10 @@
 Both loops train the same timm model (tlengine: the backbone without classifier plus a
 linear head; bare: ``timm.create_model`` with its classifier) with AdamW on the same
 batches from the same ``DataLoader`` of random images. tlengine's step is ``fit``
-(cosine schedule with per-group learning-rate scales, loss check, autocast and
-channels_last on CUDA); its step time is the gap between ``on_step`` calls. The bare
-loop is forward, cross-entropy, backward, step, zero_grad. The two alternate for
+(cosine schedule with per-group learning-rate scales, loss check, autocast on CUDA,
+channels_last); its step time is the gap between ``on_step`` calls. The bare loop is
+forward, cross-entropy, backward, step, zero_grad, in the same precision and memory
+format (channels_last: ``benchmarks/memory_format.py`` measures what that layout gains). The two alternate for
 ``--rounds`` rounds; the table gives the median step time of each and the overhead.
 
 Usage: python benchmarks/step_overhead.py [--arch tf_efficientnet_lite0] [--image-size 96] [--batch-size 32] [--steps 20] [--rounds 3] [--device auto] [--threads 1]
@@ -41,7 +42,7 @@ def main() -> None:
 
     import timm
 
-    from tlengine._model import build_model
+    from tlengine._model import build_model, feature_width
     from tlengine._train import TrainPlan, amp_dtype, fit, loader, param_groups, resolve_device
 
     device = resolve_device(args.device)
@@ -57,7 +58,7 @@ def main() -> None:
     def tlengine_steps() -> list[float]:
         torch.manual_seed(0)
         backbone = timm.create_model(args.arch, num_classes=0)
-        model = build_model(backbone, torch.nn.Linear(backbone.num_features, classes), "classification")
+        model = build_model(backbone, torch.nn.Linear(feature_width(backbone), classes), "classification")
         optimizer = torch.optim.AdamW(param_groups(model, 0.01, 1.0), lr=1e-3)
         plan = TrainPlan(epochs=1, task="classification", metric="accuracy", num_classes=classes)
         stamps = []
@@ -72,9 +73,7 @@ def main() -> None:
 
     def bare_steps() -> list[float]:
         torch.manual_seed(0)
-        model = timm.create_model(args.arch, num_classes=classes).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = timm.create_model(args.arch, num_classes=classes).to(device, memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         loss_fn = torch.nn.CrossEntropyLoss()
         dtype = amp_dtype(device)
@@ -82,8 +81,7 @@ def main() -> None:
         stamps = []
         for x, y in train:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 loss = loss_fn(model(x), y)
             loss.backward()

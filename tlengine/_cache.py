@@ -859,8 +859,7 @@ class SearchCaches:
                 pixels = self.pixels(name, preprocess, "eval" if view is None else "train")
             if pixels is None:
                 raise _Uncached("the decoded images do not fit under the cap")
-            cuda = self.device.startswith("cuda")
-            base = self.base.to(self.device)
+            base = self.base.to(self.device, memory_format=torch.channels_last)
             targets = [(key, out, split), *((k, a, shallower[k]) for k, a in extras.items())]
             prefix = self.splitter.joint_prefix(base, [t[2] for t in targets]) if extras else split.prefix(base).eval()
             try:
@@ -870,8 +869,7 @@ class SearchCaches:
                         if augmenter is not None:
                             x = augment_batch(x, range(start, start + len(x)), augmenter, seed, view)
                         x = normalize(x, preprocess)
-                        if cuda:
-                            x = x.contiguous(memory_format=torch.channels_last)
+                        x = x.contiguous(memory_format=torch.channels_last)  # as fit and evaluate feed the prefix
                         ys = prefix(x) if len(targets) > 1 else (prefix(x),)
                         for (k, array, _), y in zip(targets, ys):
                             if k != key and k not in extras:
