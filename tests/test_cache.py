@@ -360,3 +360,31 @@ def test_early_epochs_at_a_lower_resolution(depth: int, tiny_folder: Path, tmp_p
     for a, b in zip(plain["history"], cached["history"]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2, abs=1e-3)
     assert cached["history"][0]["train_loss"] != full["history"][0]["train_loss"]  # epoch 1 really ran at 16 px
+
+
+def test_features_that_cannot_be_cached_say_why_once(tiny_folder: Path, tmp_path: Path) -> None:
+    """Features beyond float16's range, or larger than the cap, each give their own reason, and a trial whose
+    validation features cannot be cached computes no training view before running on images."""
+    import torch
+
+    from tlengine._model import build_model
+
+    data = tiny_data(tiny_folder)
+    base = backbone("test_efficientnet")
+    with torch.no_grad():
+        base.conv_stem.weight.mul_(1e6)  # activations far beyond float16's 65504
+    said: list[str] = []
+    caches = search_caches(data, base, tmp_path / "a")
+    caches._log = said.append
+    preprocess, depth = preprocess_for(base), 6
+    model = build_model(base, torch.nn.Linear(base.num_features, 3), "classification")
+    prepared = caches.prepare(model, base, depth=depth, preprocess=preprocess, augment=(0, 0.5), mixup=False, batch_size=8, epochs=3,
+                              shuffle_seed=0, augment_seed=0)
+    assert prepared is not None and not prepared.features  # the trial runs on decoded images instead
+    assert caches.store.misses["features"] == 1  # validation only: no training view was computed for nothing
+    assert [s for s in said if "features after" in s] == [f"caches: features after {depth} stages: prefix outputs exceed the float16 range; "
+                                                         "such trials run on images"]
+    tiny = search_caches(data, backbone("test_efficientnet"), tmp_path / "b", size_gb=1e-6)
+    tiny._log = said.append
+    assert tiny.features(tiny.splitter.split(depth, 32), "val", preprocess, None, (0, 0.5)) is None
+    assert said[-1] == f"caches: features after {depth} stages do not fit under --cache-size-gb 1e-06; such trials run on images"

@@ -886,10 +886,14 @@ class SearchCaches:
 
         extras = [(k, (n, *other.feature_shape), FEATURE_DTYPE) for k, other in shallower.items()]
         try:
-            return self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
+            array = self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
         except _Uncached as exc:
             self.say_once(f"caches: features after {split.depth} stages: {exc}; such trials run on images")
             return None
+        if array is None:
+            self.say_once(f"caches: features after {split.depth} stages do not fit under --cache-size-gb {self.options.size_gb:g}; "
+                          "such trials run on images")
+        return array
 
     def prepare(self, model: Any, backbone: Any, *, depth: int, preprocess: Preprocess, augment: tuple[int, float],
                 mixup: bool, batch_size: int, epochs: int, shuffle_seed: int, augment_seed: int, first_epoch: int = 0,
@@ -919,9 +923,12 @@ class SearchCaches:
         if split is not None:
             val = self.features(split, "val", preprocess, None, augment)
             served = max(1, epochs - first_epoch)
-            views = [self.features(split, "train", preprocess, first_epoch + v, augment, augment_seed)
-                     for v in range(min(self.options.views or served, served))]
-            if val is not None and all(v is not None for v in views):
+            views = []
+            for v in range(min(self.options.views or served, served) if val is not None else 0):
+                views.append(self.features(split, "train", preprocess, first_epoch + v, augment, augment_seed))
+                if views[-1] is None:  # said why; no use computing the other views
+                    break
+            if val is not None and views and all(v is not None for v in views):
                 import numpy as np
                 import torch
 
@@ -934,8 +941,6 @@ class SearchCaches:
                 train = EpochLoader(_feature_dataset(views, train_targets), len(train_targets), len(views), batch_size, self.device,
                                     shuffle_seed, first_epoch)
                 return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True, split.cut)
-            self.say_once(f"caches: features after {depth} stages do not fit under --cache-size-gb {self.options.size_gb:g}; "
-                          "such trials run on images")
         eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, "train")
         if eval_pixels is None or train_pixels is None:
             self.say_once(f"caches: the decoded images do not fit under --cache-size-gb {self.options.size_gb:g}; decoding every epoch")
