@@ -340,9 +340,9 @@ def fit(
     false: on a CPU too, PyTorch's oneDNN convolutions train convolutional
     networks faster in that layout (``benchmarks/memory_format.py``: 1.5-1.6x for
     EfficientNet-Lite0 and MobileNetV3, 1.1-1.2x for ResNets, no change for
-    ConvNeXt and ViTs).
-    Frozen BatchNorm layers stay in eval mode. ``on_epoch_start``
-    may change what is frozen; ``on_epoch`` may raise to stop (Optuna pruning).
+    ConvNeXt and ViTs). Frozen BatchNorm layers stay in eval mode.
+    ``on_epoch_start`` may change what is frozen; ``on_epoch`` may raise to stop
+    (Optuna pruning).
 
     Nothing is lost: after every epoch (and when ``should_stop`` turns true
     mid-epoch, before raising :class:`TrialInterrupted`) the training state goes
