@@ -349,19 +349,23 @@ def _finished_by_worker(study: Any) -> set[int]:
 
 
 def test_workers_share_one_study_through_a_journal_file(tiny_folder: Path, tmp_path: Path) -> None:
-    """--workers 2 starts two processes on one journal-file study; --trials is the study's total."""
+    """--workers 2 starts two processes on one journal-file study; --trials is the study's total.
+
+    Twelve trials of two epochs (about 3 s of work for one worker alone), so that the second worker,
+    which starts within about 0.6 s of the first, finds trials left: with five one-epoch trials (0.1 s
+    each) the first worker sometimes finished them all before the second asked for one."""
     import optuna
 
     from tlengine._cli import main
 
-    assert main(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "5",
-                 "--epochs", "1", "--image-size", "32", "--pruner", "none", "--workers", "2", "--out", str(tmp_path),
+    assert main(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "12",
+                 "--epochs", "2", "--image-size", "32", "--pruner", "none", "--workers", "2", "--out", str(tmp_path),
                  "--study-name", "w"]) == 0
     assert (tmp_path / "w" / "study.journal").is_file() and not (tmp_path / "w" / "study.db").exists()
     study = optuna.load_study(study_name="w", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "w" / "study.journal"))))
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 5 and not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    assert len(complete) == 12 and not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
     assert len(_finished_by_worker(study)) == 2 and os.getpid() not in _finished_by_worker(study)
     assert (tmp_path / "w" / "best.onnx").is_file()
     assert main(["export", "--runs", str(tmp_path), "--study-name", "w", "--out", str(tmp_path / "w.onnx")]) == 0
