@@ -58,3 +58,35 @@ def fixed_trials_study(storage: str, name: str, trials: Sequence[tuple[int, floa
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     for depth, lr in trials:
         study.enqueue_trial({"freeze_depth": depth, "lr": lr})
+
+
+def tlengine_model(arch: str, classes: int, **create_kwargs: Any) -> Any:
+    """A timm ``arch`` backbone (random weights, seed 0) with a linear head, joined as ``tlengine search`` joins them."""
+    import timm
+    import torch
+
+    from tlengine._model import build_model, feature_width
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(arch, pretrained=False, num_classes=0, **create_kwargs)
+    return build_model(backbone, torch.nn.Linear(feature_width(backbone), classes), "classification")
+
+
+def fit_step_seconds(model: Any, classes: int, train: Any, val: Any, device: str, **fit_kwargs: Any) -> list[float]:
+    """Seconds per step of one epoch of tlengine's ``fit`` (AdamW, as a search trains), measured between
+    ``on_step`` calls; the first step is left out as warm-up."""
+    import torch
+
+    from tlengine._train import TrainPlan, fit, param_groups
+
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01, 1.0), lr=1e-3)
+    plan = TrainPlan(epochs=1, task="classification", metric="accuracy", num_classes=classes)
+    stamps: list[float] = []
+
+    def on_step() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    fit(model, optimizer, train, val, plan, device=device, on_step=on_step, **fit_kwargs)
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]

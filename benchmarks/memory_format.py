@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import fit_step_seconds, report, tlengine_model  # noqa: E402
 
 DEFAULT_MODELS = "tf_efficientnet_lite0:64,tf_efficientnet_lite0:128,resnet18:96,resnet50:96,mobilenetv3_large_100:96,convnext_atto:96,vit_tiny_patch16_224:96"
 
@@ -40,10 +40,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import timm
-
-    from tlengine._model import build_model, feature_width
-    from tlengine._train import TrainPlan, evaluate, fit, loader, param_groups, resolve_device
+    from tlengine._train import evaluate, loader, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
@@ -60,27 +57,12 @@ def main() -> None:
         infer = loader(torch.utils.data.TensorDataset(images, targets), args.batch_size, False, device)
         kwargs = {"img_size": size} if "vit" in arch else {}
 
-        def model_for() -> object:
-            torch.manual_seed(0)
-            backbone = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-            return build_model(backbone, torch.nn.Linear(feature_width(backbone), classes), "classification")
-
         def train_rate(channels_last: bool) -> float:
-            model = model_for()
-            optimizer = torch.optim.AdamW(param_groups(model, 0.01, 1.0), lr=1e-3)
-            plan = TrainPlan(epochs=1, task="classification", metric="accuracy", num_classes=classes)
-            stamps: list[float] = []
-
-            def on_step() -> None:
-                if cuda:
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-
-            fit(model, optimizer, train, val, plan, device=device, on_step=on_step, channels_last=channels_last)
-            return args.batch_size / statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))  # the first step warms up
+            steps = fit_step_seconds(tlengine_model(arch, classes, **kwargs), classes, train, val, device, channels_last=channels_last)
+            return args.batch_size / statistics.median(steps)
 
         def infer_rate(channels_last: bool) -> float:
-            model = model_for().to(device)
+            model = tlengine_model(arch, classes, **kwargs).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             evaluate(model, val, "accuracy", device, channels_last=channels_last)  # warm-up

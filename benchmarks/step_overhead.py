@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import fit_step_seconds, report, tlengine_model  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +42,7 @@ def main() -> None:
 
     import timm
 
-    from tlengine._model import build_model, feature_width
-    from tlengine._train import TrainPlan, amp_dtype, fit, loader, param_groups, resolve_device
+    from tlengine._train import amp_dtype, loader, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
@@ -56,20 +55,7 @@ def main() -> None:
     val = loader(torch.utils.data.TensorDataset(images[:2], targets[:2]), 2, False, device)
 
     def tlengine_steps() -> list[float]:
-        torch.manual_seed(0)
-        backbone = timm.create_model(args.arch, num_classes=0)
-        model = build_model(backbone, torch.nn.Linear(feature_width(backbone), classes), "classification")
-        optimizer = torch.optim.AdamW(param_groups(model, 0.01, 1.0), lr=1e-3)
-        plan = TrainPlan(epochs=1, task="classification", metric="accuracy", num_classes=classes)
-        stamps = []
-
-        def on_step() -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-        fit(model, optimizer, train, val, plan, device=device, on_step=on_step)
-        return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step warms up
+        return fit_step_seconds(tlengine_model(args.arch, classes), classes, train, val, device)
 
     def bare_steps() -> list[float]:
         torch.manual_seed(0)
