@@ -43,8 +43,6 @@ def create(arch: str | None, weights: str) -> Any:
     Raises:
         UserError: The weights cannot be found, read, or do not fit ``arch``.
     """
-    import timm
-
     if not arch:
         raise UserError("--backbone timm: name an architecture, e.g. timm:resnet18")
     source = weights
@@ -99,26 +97,24 @@ def _package_file(distribution: str) -> Path:
 
 
 def read_state_dict(path: Path, option: str) -> dict[str, Any]:
-    """Read a state dict from ``.safetensors`` or, safely, from a pickle with ``weights_only=True``.
+    """Read a state dict with timm's ``load_state_dict``: ``.safetensors``, or a pickle read with
+    ``weights_only=True`` (never executing code), unwrapping ``{"state_dict": ...}`` / ``{"model": ...}``
+    containers and DDP / ``torch.compile`` prefixes.
 
-    Unwraps the usual ``{"state_dict": ...}`` / ``{"model": ...}`` containers.
+    Raises:
+        UserError: The file is missing, unsafe or not a state dict of tensors, naming ``option``.
     """
-    import pickle
-
     import torch
+    from timm.models import load_state_dict
 
     if not path.is_file():
         raise UserError(f"{option}: {path} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{option}: {path} is not loadable as plain weights with weights_only=True ({type(exc).__name__})") from exc
-    for key in ("state_dict", "model", "model_state", "module"):
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as exc:  # safetensors, pickle and timm each raise their own types
+        cause = exc.__cause__ or exc  # timm wraps the unpickler's refusal in a RuntimeError
+        raise UserError(f"{option}: {path} is not loadable as plain weights with weights_only=True ({type(cause).__name__})") from exc
+    for key in ("model_state", "module"):  # containers timm does not unwrap
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -129,23 +125,25 @@ def read_state_dict(path: Path, option: str) -> dict[str, Any]:
 def load_weights(model: Any, arch: str, path: Path, option: str) -> None:
     """Load the weights in ``path`` into ``model`` (a timm ``arch`` without classifier).
 
-    Tensors are matched by name; failing that, one-to-one in order when the file
-    holds exactly the tensors of timm's ``arch`` (with classifier) in the same order
-    and shapes, as weight packages from other code bases do.
+    Tensors are matched by name; failing that, one-to-one in order (timm's ``remap_state_dict``)
+    when the file holds exactly the tensors of timm's ``arch`` (with classifier) in the same
+    order and shapes, as weight packages from other code bases do.
 
     Raises:
         UserError: The file does not fit ``arch``.
     """
     import timm
     import torch
+    from timm.models import remap_state_dict
 
     state = read_state_dict(path, option)
     wanted = model.state_dict()
     if not set(wanted) <= set(state):
         with torch.device("meta"):
-            reference = timm.create_model(arch, pretrained=False).state_dict()
-        if len(reference) == len(state) and all(a.shape == b.shape for a, b in zip(reference.values(), state.values())):
-            state = dict(zip(reference.keys(), state.values()))
+            reference = timm.create_model(arch, pretrained=False)
+        shapes = [t.shape for t in reference.state_dict().values()]
+        if len(shapes) == len(state) and all(a == b.shape for a, b in zip(shapes, state.values())):
+            state = remap_state_dict(state, reference, allow_reshape=False)
     missing = [k for k in wanted if k not in state]
     if missing:
         raise UserError(
