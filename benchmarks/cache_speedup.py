@@ -36,20 +36,15 @@ FIXED = {"layer_decay": 1.0, "label_smoothing": 0.0}
 
 
 def run(out: Path, name: str, epochs: int, size: int, cache: bool, cache_dir: Path, views: int | None = None) -> tuple:
-    from rich.console import Console
-
-    from tlengine._search import SearchConfig, run_search
+    import tlengine
 
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out / f'{name}.db'}"
     fixed_trials_study(storage, name, TRIALS)
-    config = SearchConfig(
-        data=str(DATA), epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=str(out),
-        study_name=name, storage=storage, params=tuple((k, v, f"--param {k}") for k, v in FIXED.items()),
-        cache=cache, cache_dir=str(cache_dir), cache_views=views,
-    )
     start = time.perf_counter()
-    result = run_search(config, Console(stderr=True, quiet=True))
+    result = tlengine.search(DATA, epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=out,
+                             study_name=name, storage=storage, param=FIXED, cache=cache, cache_dir=cache_dir, cache_views=views,
+                             quiet=True)
     return result, time.perf_counter() - start
 
 
@@ -75,32 +70,32 @@ def main() -> None:
         for label, cache, folder, views in plan:
             result, seconds = run(out, label.replace(", ", "-").replace(" ", "-"), args.epochs, args.image_size, cache, folder, views)
             runs[label] = (result, seconds)
-            print(f"caches {label}: {seconds:.0f} s, best {result.metric} {result.best.value:.4f}", file=sys.stderr)
+            print(f"caches {label}: {seconds:.0f} s, best {result.metric} {result.best.score:.4f}", file=sys.stderr)
     off_rows = {r.number: r for r in runs["off"][0].rows}
     labels = [k for k in runs if k != "off"]
     rows = []
     for number, (depth, lr) in enumerate(TRIALS):
-        off = off_rows[number].duration_s
+        off = off_rows[number].seconds
         row = [number, f"{depth}/{STAGES}", f"{lr:g}", round(off, 1)]
         for label in labels:
             on = next(r for r in runs[label][0].rows if r.number == number)
-            row += [round(on.duration_s, 1), f"{off / on.duration_s:.1f}x"]
-        row += [f"{off_rows[number].value:.4f}"] + [f"{next(r for r in runs[k][0].rows if r.number == number).value:.4f}" for k in labels]
+            row += [round(on.seconds, 1), f"{off / on.seconds:.1f}x"]
+        row += [f"{off_rows[number].score:.4f}"] + [f"{next(r for r in runs[k][0].rows if r.number == number).score:.4f}" for k in labels]
         rows.append(row)
     head_only = [n for n, (d, _) in enumerate(TRIALS) if d == STAGES]
-    summary = {"study_ratio": {}, "head_only_ratio": {}, "best": {"off": runs["off"][0].best.value}}
+    summary = {"study_ratio": {}, "head_only_ratio": {}, "best": {"off": runs["off"][0].best.score}}
     total = ["study", "", "", round(runs["off"][1], 1)]
-    probe = ["head-only trials", "", "", round(sum(off_rows[n].duration_s for n in head_only), 1)]
+    probe = ["head-only trials", "", "", round(sum(off_rows[n].seconds for n in head_only), 1)]
     for label in labels:
         result, seconds = runs[label]
         on_rows = {r.number: r for r in result.rows}
-        head = sum(on_rows[n].duration_s for n in head_only)
+        head = sum(on_rows[n].seconds for n in head_only)
         summary["study_ratio"][label] = runs["off"][1] / seconds
         summary["head_only_ratio"][label] = probe[3] / head
-        summary["best"][label] = result.best.value
+        summary["best"][label] = result.best.score
         total += [round(seconds, 1), f"{runs['off'][1] / seconds:.1f}x"]
         probe += [round(head, 1), f"{probe[3] / head:.1f}x"]
-    total += [f"{runs['off'][0].best.value:.4f}"] + [f"{runs[k][0].best.value:.4f}" for k in labels]
+    total += [f"{runs['off'][0].best.score:.4f}"] + [f"{runs[k][0].best.score:.4f}" for k in labels]
     probe += [""] * (1 + len(labels))
     rows += [probe, total]
     columns = ["trial", "freeze depth", "lr", "off s"]
@@ -114,7 +109,7 @@ def main() -> None:
         "best within 0.5 points": {k: v <= 0.5 for k, v in gaps.items()},
         "best gap points": gaps,
         "median per-trial ratio (on)": round(statistics.median(
-            off_rows[n].duration_s / next(r for r in runs["on"][0].rows if r.number == n).duration_s for n in off_rows), 2),
+            off_rows[n].seconds / next(r for r in runs["on"][0].rows if r.number == n).seconds for n in off_rows), 2),
     }
     report("cache_speedup", f"caches on vs off: fashion-mnist-2k, lite0 ImageNet weights, {args.image_size}px, {args.epochs} epochs, CPU",
            columns, rows, {"epochs": args.epochs, "image_size": args.image_size, "trials": TRIALS, **summary})

@@ -63,19 +63,15 @@ def median_survivors(scores: list[float], startup: int = 3) -> list[bool]:
 
 def run(out: Path, name: str, epochs: int, size: int, early: int | None, early_epochs: int) -> tuple:
     import optuna
-    from rich.console import Console
 
-    from tlengine._search import SearchConfig, run_search
+    import tlengine
 
     storage = f"sqlite:///{out / f'{name}.db'}"
     fixed_trials_study(storage, name, TRIALS)
-    config = SearchConfig(
-        data=str(DATA), epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=str(out), study_name=name,
-        storage=storage, params=(("layer_decay", 1.0, "--param layer_decay"), ("label_smoothing", 0.0, "--param label_smoothing")),
-        cache_dir=str(out / "cache"), early_size=early, early_epochs=early_epochs,
-    )
     start = time.perf_counter()
-    run_search(config, Console(stderr=True, quiet=True))
+    tlengine.search(DATA, epochs=epochs, image_size=size, trials=len(TRIALS), pruner="none", seed=0, out=out, study_name=name,
+                    storage=storage, param={"layer_decay": 1.0, "label_smoothing": 0.0}, cache_dir=out / "cache",
+                    early_size=early, early_epochs=early_epochs, quiet=True)
     seconds = time.perf_counter() - start
     trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
     return seconds, [[h["score"] for h in t.user_attrs["history"]] for t in trials]

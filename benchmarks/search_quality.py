@@ -56,17 +56,11 @@ def rotation_csv(folder: Path) -> Path:
 
 def run(out: Path, name: str, data: str, task: str, epochs: int, size: int, params: dict, seed: int = 0,
         trials: int = 1, timeout: float | None = None):
-    from rich.console import Console
+    import tlengine
 
-    from tlengine._search import SearchConfig, run_search
-
-    config = SearchConfig(
-        data=data, task=task, epochs=epochs, image_size=size, trials=trials, timeout=timeout, seed=seed,
-        params=tuple((k, v, f"--param {k}") for k, v in params.items()), out=str(out), study_name=name,
-        pruner="median" if trials > 1 else "none",
-    )
     start = time.perf_counter()
-    result = run_search(config, Console(stderr=True, quiet=True))
+    result = tlengine.search(data, task=task, epochs=epochs, image_size=size, trials=trials, timeout=timeout, seed=seed, param=params,
+                             out=out, study_name=name, pruner="median" if trials > 1 else "none", quiet=True)
     return result, time.perf_counter() - start
 
 
@@ -76,17 +70,17 @@ def bench(task: str, data: str, out: Path, epochs: int, size: int, common: dict)
         # seed k makes this one-trial study train exactly like trial k of the search (seed + trial number)
         result, seconds = run(out, f"{task}-recipe-{k}", data, task, epochs, size, {**FIXED, **common, **params}, seed=k)
         spent += seconds
-        scores.append(result.best.value)
-        rows.append([task, recipe, 1, round(seconds, 1), result.best.value])
-        print(f"{task}: {recipe}: {result.metric} {result.best.value:.4f} in {seconds:.0f} s", file=sys.stderr)
+        scores.append(result.best.score)
+        rows.append([task, recipe, 1, round(seconds, 1), result.best.score])
+        print(f"{task}: {recipe}: {result.metric} {result.best.score:.4f} in {seconds:.0f} s", file=sys.stderr)
     result, seconds = run(out, f"{task}-search", data, task, epochs, size, common, trials=200, timeout=spent)
-    finished = [r for r in result.rows if r.state in ("COMPLETE", "PRUNED")]
-    print(f"{task}: search: {result.metric} {result.best.value:.4f} after {len(finished)} trials in {seconds:.0f} s "
+    finished = [r for r in result.rows if r.state in ("complete", "pruned")]
+    print(f"{task}: search: {result.metric} {result.best.score:.4f} after {len(finished)} trials in {seconds:.0f} s "
           f"(budget {spent:.0f} s)", file=sys.stderr)
-    rows.append([task, f"tlengine search (budget {spent:.0f} s)", len(finished), round(seconds, 1), result.best.value])
+    rows.append([task, f"tlengine search (budget {spent:.0f} s)", len(finished), round(seconds, 1), result.best.score])
     best_recipe = max(scores) if result.direction == "maximize" else min(scores)
-    better = result.best.value >= best_recipe if result.direction == "maximize" else result.best.value <= best_recipe
-    rows.append([task, "search best vs best recipe", "", "", f"{result.best.value - best_recipe:+.4f} ({'met' if better else 'missed'})"])
+    better = result.best.score >= best_recipe if result.direction == "maximize" else result.best.score <= best_recipe
+    rows.append([task, "search best vs best recipe", "", "", f"{result.best.score - best_recipe:+.4f} ({'met' if better else 'missed'})"])
     return rows
 
 

@@ -51,7 +51,7 @@ def test_prefix_split_is_exact(arch: str, tiny_folder: Path, tmp_path: Path) -> 
     import torch
 
     from tlengine._stages import freeze_stages, train_mode
-    from tlengine._train import eval_tensors
+    from tlengine._loaders import eval_tensors
 
     torch.manual_seed(0)
     base = backbone(arch)
@@ -95,11 +95,15 @@ def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str,
 
     import torch
 
+    from timm.data import resolve_data_config
+
     import tlengine._cache
-    from tlengine._cache import image_train_loader
+    from tlengine._inputs import InputRequest, InputSource
+    from tlengine._loaders import image_train_loader
     from tlengine._model import build_model
     from tlengine._stages import freeze_stages
-    from tlengine._train import TrainPlan, eval_tensors, fit, loader, param_groups
+    from tlengine._loaders import eval_tensors, loader
+    from tlengine._train import TrainPlan, fit, param_groups
 
     monkeypatch.setattr(tlengine._cache, "FEATURE_DTYPE", dtype)
     data = tiny_data(tiny_folder)
@@ -119,11 +123,11 @@ def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str,
             # SGD: Adam's normalised steps would turn fp16-sized gradient differences into full-size weight differences
             optimizer = torch.optim.SGD(param_groups(model, 0.01, 1.0), lr=0.05, momentum=0.9)
             if cached:
-                prepared = caches.prepare(model, net, depth=depth, preprocess=preprocess, augment=augment, mixup=False,
-                                          batch_size=8, epochs=plan.epochs, shuffle_seed=0, augment_seed=7)
-                assert prepared.features
-                assert prepared.model.state_dict().keys() == model.state_dict().keys()  # checkpoints see the full model
-                history = fit(prepared.model, optimizer, prepared.train_loader, prepared.val_loader, plan, device="cpu")
+                source = InputSource(data, resolve_data_config(model=base), "cpu", 7, caches)
+                inputs = source.inputs(model, net, InputRequest(depth, 32, augment, False, 8, plan.epochs, 0))
+                assert inputs.on_features
+                assert inputs.model.state_dict().keys() == model.state_dict().keys()  # checkpoints see the full model
+                history = fit(inputs.model, optimizer, inputs.train_loader, inputs.val_loader, plan, device="cpu")
             else:
                 images = image_train_loader(data.train, "classification", preprocess, augment, 8, "cpu", shuffle_seed=0, augment_seed=7)
                 history = fit(model, optimizer, images, val, plan, device="cpu")
@@ -146,8 +150,8 @@ def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str,
 def test_eval_pixels_match_timm_eval_transform(tiny_folder: Path, tmp_path: Path) -> None:
     import torch
 
-    from tlengine._cache import normalize
-    from tlengine._train import eval_tensors
+    from tlengine._loaders import normalize
+    from tlengine._loaders import eval_tensors
 
     data = tiny_data(tiny_folder)
     base = backbone(TINY_BACKBONE.split(":")[1])
@@ -194,7 +198,7 @@ def test_decode_key_changes_with_files_and_preprocessing(tiny_folder: Path, tmp_
 def test_lru_eviction_under_cap(tmp_path: Path) -> None:
     import numpy as np
 
-    from tlengine._cache import Store
+    from tlengine._store import Store
 
     store = Store(tmp_path, cap_bytes=3 * (1000 + 128))
     fill = lambda value: lambda out: out.fill(value)  # noqa: E731
@@ -215,7 +219,7 @@ def test_lru_eviction_under_cap(tmp_path: Path) -> None:
 WRITER = """
 import sys, time
 from pathlib import Path
-from tlengine._cache import Store
+from tlengine._store import Store
 store = Store(Path(sys.argv[1]), 10**9)
 def fill(out):
     for i in range(len(out)):
@@ -325,7 +329,7 @@ def test_threaded_decode_equals_serial(tiny_folder: Path, tmp_path: Path) -> Non
     """Decode-once on several threads writes the same bytes as on one, and a broken file still raises."""
     import numpy as np
 
-    from tlengine._cache import decode_into
+    from tlengine._store import decode_into
     from tlengine._preprocess import Preprocess
 
     items = sorted((tiny_folder / "train").rglob("*.png"))
@@ -366,7 +370,9 @@ def test_features_that_cannot_be_cached_say_why_once(tiny_folder: Path, tmp_path
     """Features beyond float16's range, or larger than the cap, each give their own reason, and a trial whose
     validation features cannot be cached computes no training view before running on images."""
     import torch
+    from timm.data import resolve_data_config
 
+    from tlengine._inputs import InputRequest, InputSource
     from tlengine._model import build_model
 
     data = tiny_data(tiny_folder)
@@ -378,9 +384,9 @@ def test_features_that_cannot_be_cached_say_why_once(tiny_folder: Path, tmp_path
     caches._log = said.append
     preprocess, depth = preprocess_for(base), 6
     model = build_model(base, torch.nn.Linear(base.num_features, 3), "classification")
-    prepared = caches.prepare(model, base, depth=depth, preprocess=preprocess, augment=(0, 0.5), mixup=False, batch_size=8, epochs=3,
-                              shuffle_seed=0, augment_seed=0)
-    assert prepared is not None and not prepared.features  # the trial runs on decoded images instead
+    source = InputSource(data, resolve_data_config(model=base), "cpu", 0, caches)
+    inputs = source.inputs(model, base, InputRequest(depth, 32, (0, 0.5), False, 8, 3, 0))
+    assert not inputs.on_features and len(inputs.train_loader) == 3  # the trial runs on decoded images instead
     assert caches.store.misses["features"] == 1  # validation only: no training view was computed for nothing
     assert [s for s in said if "features after" in s] == [f"caches: features after {depth} stages: prefix outputs exceed the float16 range; "
                                                          "such trials run on images"]

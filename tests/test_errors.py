@@ -69,8 +69,13 @@ def empty_study(tmp: Path) -> str:
     """A tlengine study without trials yet, as a search leaves it when it starts."""
     import optuna
 
+    from tlengine._record import StudyRecord, write_record
+
     storage = f"sqlite:///{tmp}/s.db"
-    optuna.create_study(study_name="s", storage=storage).set_user_attr("tlengine", {"metric": "accuracy", "stages": 5})
+    record = StudyRecord(backbone="timm", arch="resnet18", weights="none", task="classification", classes=("a", "b"), epochs=1,
+                         metric="accuracy", objectives=None, class_weights=False, stages=5, data_config={}, target_mean=0.0,
+                         target_std=1.0, dataset="imagefolder", data=str(tmp))
+    write_record(optuna.create_study(study_name="s", storage=storage), record)
     return storage
 
 
@@ -264,7 +269,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path, tiny_folder: Path,
     monkeypatch.setattr(safetensors.torch, "save_model", real_save)
     assert main(args) == 0
     trials = json.loads((tmp_path / "s" / "summary.json").read_text())["trials"]
-    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert [t["state"] for t in trials] == ["complete", "fail", "complete"]
     assert (tmp_path / "s" / "best.onnx").is_file()
 
 

@@ -33,7 +33,7 @@ def torch_predictions(run: Path, images: list[Path]) -> list[str]:
 
     from tlengine._model import build_model
     from tlengine._preprocess import Preprocess, load_image
-    from tlengine._train import eval_transform
+    from tlengine._loaders import eval_transform
     from tlengine.plugins import get_registry
 
     summary = json.loads((run / "summary.json").read_text())

@@ -22,7 +22,8 @@ def tiny_training(seed: int = 0) -> tuple[Any, Any, Any, Any, Any]:
     import torch
 
     from tlengine._model import build_model
-    from tlengine._train import TrainPlan, loader, param_groups
+    from tlengine._loaders import loader
+    from tlengine._train import TrainPlan, param_groups
     from tlengine.plugins import get_registry
 
     torch.manual_seed(seed)
@@ -73,7 +74,8 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch() ->
     """A model that runs out of memory above 3 images trains to the same weights through gradient accumulation."""
     import torch
 
-    from tlengine._train import TrainPlan, fit, loader
+    from tlengine._loaders import loader
+    from tlengine._train import TrainPlan, fit
 
     def model_and_data() -> tuple[Any, Any, Any, Any]:
         torch.manual_seed(0)
@@ -305,8 +307,8 @@ def test_journal_storage_has_a_heartbeat_that_retries_stale_trials(tmp_path: Pat
     """A trial on another machine whose heartbeat stopped is failed and re-enqueued, as Optuna does for RDB storages."""
     import optuna
 
-    from tlengine import _resume
-    from tlengine._study import make_storage
+    from tlengine import _storage
+    from tlengine._storage import make_storage
 
     def fail_stale_trials(study: Any) -> None:  # what Study.optimize runs before each trial
         with warnings.catch_warnings():
@@ -320,8 +322,8 @@ def test_journal_storage_has_a_heartbeat_that_retries_stale_trials(tmp_path: Pat
     study._storage.record_heartbeat(trial._trial_id)
     fail_stale_trials(study)
     assert study.trials[0].state.name == "RUNNING"  # its heartbeat is fresh
-    later = time.time() + _resume.GRACE_PERIOD + 1
-    monkeypatch.setattr(_resume.time, "time", lambda: later)
+    later = time.time() + _storage.GRACE_PERIOD + 1
+    monkeypatch.setattr(_storage.time, "time", lambda: later)
     fail_stale_trials(study)
     reopened = optuna.load_study(study_name="j", storage=make_storage(f"journal://{tmp_path / 'j.journal'}"))
     assert [t.state.name for t in reopened.trials] == ["FAIL", "WAITING"]
@@ -332,7 +334,7 @@ def test_a_dead_local_worker_is_recovered_at_once(tmp_path: Path) -> None:
     import optuna
 
     from tlengine._resume import recover_dead_workers, worker_identity
-    from tlengine._study import make_storage
+    from tlengine._storage import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name="d", storage=make_storage(f"sqlite:///{tmp_path / 'd.db'}"))

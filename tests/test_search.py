@@ -17,7 +17,7 @@ def test_outputs_written(tiny_run: Path) -> None:
     assert (tiny_run / "study.db").is_file()
     assert summary["metric"] == "accuracy"
     assert len(summary["trials"]) == 2
-    assert summary["best"]["number"] in {t["number"] for t in summary["trials"] if t["state"] == "COMPLETE"}
+    assert summary["best"]["number"] in {t["number"] for t in summary["trials"] if t["state"] == "complete"}
     assert summary["parity"]["max_abs_diff"] < 1e-4
     # the opening trials are the enqueued recipes: linear probe first, then full fine-tuning
     stages = summary["config"]["stages"]
@@ -99,7 +99,7 @@ def test_real_data_real_weights(tmp_path: Path) -> None:
                      "--image-size", "64", "--out", str(tmp_path), "--study-name", "fm", "--json", timeout=1800)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["best"]["value"] > 0.75
+    assert summary["best"]["score"] > 0.75
 
 
 def test_journal_storage(tmp_path: Path, tiny_folder: Path) -> None:
@@ -140,5 +140,5 @@ def test_backbone_with_a_head_convolution(tmp_path: Path, tiny_folder: Path) -> 
             "--epochs", "1", "--image-size", "32", "--out", str(tmp_path), "--study-name", "m"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
-    assert [t["state"] for t in summary["trials"]] == ["COMPLETE"]
+    assert [t["state"] for t in summary["trials"]] == ["complete"]
     assert summary["parity"]["max_abs_diff"] < 1e-4 and (tmp_path / "m" / "best.onnx").is_file()

@@ -129,8 +129,9 @@ def test_head_first_epochs_leave_backbone_untouched_then_train_it(tiny_folder: P
     from tlengine._model import build_model
     from tlengine._preprocess import Preprocess
     from tlengine._stages import backbone_stages, freeze_stages
-    from tlengine._cache import image_train_loader
-    from tlengine._train import TrainPlan, eval_tensors, fit, loader, param_groups
+    from tlengine._loaders import image_train_loader
+    from tlengine._loaders import eval_tensors, loader
+    from tlengine._train import TrainPlan, fit, param_groups
     from tlengine_plugins.datasets import imagefolder
     from tlengine import DatasetOptions
 
@@ -226,7 +227,7 @@ def test_changed_space_refused_on_resume(tiny_folder: Path, tmp_path: Path, caps
 
 def test_augmentation_and_mixup_train(tiny_folder: Path, tmp_path: Path) -> None:
     from tlengine._preprocess import Preprocess
-    from tlengine._cache import tensor_augment
+    from tlengine._loaders import tensor_augment
 
     pre = Preprocess.from_data_config({"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}, 32)
     assert "RandAugment" in repr(tensor_augment(pre, 9)) and "RandAugment" not in repr(tensor_augment(pre, 0))
@@ -234,7 +235,7 @@ def test_augmentation_and_mixup_train(tiny_folder: Path, tmp_path: Path) -> None
                    "--param", "cutmix=1.0", "--trials", "1", "--epochs", "1", "--out", str(tmp_path), "--study-name", "a",
                    "--metric", "macro_f1", "--class-weights"])
     trial = summary["trials"][0]
-    assert trial["state"] == "COMPLETE" and trial["values"]["randaugment"] == 9 and trial["values"]["mixup"] == 0.4
+    assert trial["state"] == "complete" and trial["values"]["randaugment"] == 9 and trial["values"]["mixup"] == 0.4
     assert summary["metric"] == "macro_f1" and summary["config"]["class_weights"] is True
 
 
@@ -260,11 +261,11 @@ def test_multi_objective_pareto_front(tiny_folder: Path, tmp_path: Path, capsys:
     assert "Pareto front: accuracy vs params" in out
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert summary["objectives"] == ["accuracy", "params"] and summary["pareto_front"]
-    trials = {t["number"]: t for t in summary["trials"] if t["state"] == "COMPLETE"}
-    assert all(t["cost"] is not None and t["cost"] > 0 and t["epochs_run"] == 1 for t in trials.values())
+    trials = {t["number"]: t for t in summary["trials"] if t["state"] == "complete"}
+    assert all(t["cost"] is not None and t["cost"] > 0 and t["epochs"] == 1 for t in trials.values())
     front = [trials[n] for n in summary["pareto_front"]]
     for a in front:  # no trial on the front is dominated by another trial
-        assert not any(b["value"] >= a["value"] and b["cost"] < a["cost"] or b["value"] > a["value"] and b["cost"] <= a["cost"] for b in trials.values())
+        assert not any(b["score"] >= a["score"] and b["cost"] < a["cost"] or b["score"] > a["score"] and b["cost"] <= a["cost"] for b in trials.values())
     other = min(front, key=lambda t: t["cost"])["number"]
     assert main(["export", "--storage", f"sqlite:///{tmp_path / 'm' / 'study.db'}", "--study-name", "m", "--trial", str(other),
                  "--out", str(tmp_path / "cheap.onnx")]) == 0
@@ -273,5 +274,5 @@ def test_multi_objective_pareto_front(tiny_folder: Path, tmp_path: Path, capsys:
 def test_latency_objective(tiny_folder: Path, tmp_path: Path) -> None:
     summary = run(["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--objectives", "accuracy,latency",
                    "--param", "image_size=[32, 64]", "--trials", "2", "--epochs", "1", "--out", str(tmp_path), "--study-name", "l"])
-    costs = [t["cost"] for t in summary["trials"] if t["state"] == "COMPLETE"]
+    costs = [t["cost"] for t in summary["trials"] if t["state"] == "complete"]
     assert len(costs) == 2 and all(0 < c < 1000 for c in costs)

@@ -10,8 +10,8 @@ def test_phased_loader_switches_resolution_by_epoch_and_shares_its_shuffle() -> 
     draw their order from one generator, so the order does not depend on where a phase starts."""
     import torch
 
-    from tlengine._cache import EpochLoader
-    from tlengine._train import PhasedLoader, TrainPlan, fit, loader
+    from tlengine._loaders import EpochLoader, PhasedLoader, loader
+    from tlengine._train import TrainPlan, fit
 
     class Recorder(torch.nn.Module):
         task = "classification"
@@ -61,7 +61,8 @@ def test_channels_last_changes_speed_not_results() -> None:
     import torch
 
     from tlengine._model import build_model, feature_width
-    from tlengine._train import TrainPlan, fit, loader
+    from tlengine._loaders import loader
+    from tlengine._train import TrainPlan, fit
 
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(32, 3, 32, 32, generator=generator), torch.arange(32) % 3)

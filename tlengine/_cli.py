@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
+
+if TYPE_CHECKING:
+    from tlengine._search import SearchResult
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +29,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``tlengine`` command."""
+    """The argument parser of the ``tlengine`` command (one line per option: long because the commands have many)."""
     parser = _Parser(prog="tlengine", description="Transfer-learning search over timm backbones, exported to ONNX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -122,18 +125,6 @@ def _study_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="runs", help="where the default storage lives (default: runs)")
 
 
-def _open_study(args: argparse.Namespace) -> tuple[Any, str]:
-    """The study named by :func:`_study_options`, and its storage URL.
-
-    Raises:
-        UserError: No default database for it, or the storage or study cannot be opened.
-    """
-    from tlengine._study import load_study, study_storage
-
-    storage = study_storage(args.storage, args.runs, args.study_name)
-    return load_study(storage, args.study_name), storage
-
-
 def cli_reference(width: int = 100) -> str:
     """Markdown reference of every command and option, made from the parser itself (docs/cli.md)."""
     import os
@@ -164,31 +155,14 @@ def _version() -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tlengine._search import SearchConfig, SearchInterrupted, run_search
+    from tlengine._api import search_config
+    from tlengine._search import SearchInterrupted, run_search
     from tlengine.plugins import failures
 
     console = Console(stderr=True)
-    from tlengine._space import parse_override
-
-    params = [(*parse_override(text), f"--param {text.partition('=')[0].strip()}") for text in args.param]
-    for name, value in (("head", args.head), ("optimizer", args.optimizer), ("batch_size", args.batch_size), ("weight_decay", args.weight_decay)):
-        if value is not None:
-            params.append((name, value, f"--{name.replace('_', '-')}"))
-    config = SearchConfig(
-        data=args.data, dataset=args.dataset, task=args.task, val_fraction=args.val_fraction,
-        backbone=args.backbone, weights=args.weights, config=args.config, params=tuple(params),
-        trials=args.trials, timeout=args.timeout, epochs=args.epochs, image_size=args.image_size,
-        metric=args.metric, class_weights=args.class_weights,
-        objectives=tuple(o.strip() for o in args.objectives.split(",")) if args.objectives else None, seed=args.seed, device=args.device,
-        out=args.out, study_name=args.study_name, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-        max_bad_images=args.max_bad_images, confine_paths=args.confine_paths, workers=args.workers,
-        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else None,
-        worker=args.worker, argv=tuple(args.argv),
-        cache=args.cache, cache_dir=args.cache_dir, cache_size_gb=args.cache_size_gb, cache_views=args.cache_views,
-        early_size=args.early_size, early_epochs=args.early_epochs,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
     try:
-        result = run_search(config, console)
+        result = run_search(search_config(**options), console)
     except SearchInterrupted as exc:
         if args.worker is None:
             console.print(f"\ninterrupted: {exc}; finished trials are kept. Resume with:\n  {_resume_command(args.argv)}",
@@ -212,7 +186,7 @@ def _resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["tlengine", *argv])
 
 
-def _print_results(result: Any) -> None:
+def _print_results(result: SearchResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -224,7 +198,7 @@ def _print_results(result: Any) -> None:
     cost = result.objectives[1:] if result.objectives else ()
     for column in ("trial", "recipe", "state", "freeze depth", *params, result.metric, *cost, "epochs", "seconds"):
         table.add_column(column.replace("_", " "), justify="left" if column in ("recipe", "state") else "right")
-    stages = result.config.get("stages")
+    stages = result.record.stages
     for row in result.rows:
         best = result.best is not None and row.number == result.best.number
         front = row.number in result.pareto
@@ -232,13 +206,13 @@ def _print_results(result: Any) -> None:
         table.add_row(
             f"{'★ ' if best else '◆ ' if front else ''}{row.number}",
             row.recipe or "",
-            row.state.lower(),
+            row.state,
             f"{depth}/{stages}" if depth is not None else "",
             *(_format_value(row.params.get(p)) for p in params),
-            f"{row.value:.4f}" if row.value is not None else "",
+            f"{row.score:.4f}" if row.score is not None else "",
             *([f"{row.cost:.3g}" if row.cost is not None else ""] if cost else []),
-            str(row.epochs_run),
-            f"{row.duration_s:.1f}" if row.duration_s is not None else "",
+            str(row.epochs),
+            f"{row.seconds:.1f}" if row.seconds is not None else "",
             style="bold green" if best else None,
         )
     out.print(table)
@@ -251,10 +225,10 @@ def _print_results(result: Any) -> None:
         for column in ("trial", result.metric, result.objectives[1], "freeze depth", *params):
             pareto.add_column(column.replace("_", " "), justify="right")
         for row in sorted(front, key=lambda r: r.cost):
-            pareto.add_row(str(row.number), f"{row.value:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
+            pareto.add_row(str(row.number), f"{row.score:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
                            *(_format_value(row.params.get(p)) for p in params))
         out.print(pareto)
-    out.print(f"best: trial {result.best.number}, {result.metric} {result.best.value:.4f}")
+    out.print(f"best: trial {result.best.number}, {result.metric} {result.best.score:.4f}")
     if result.onnx_path is not None:
         parity = result.parity or {}
         out.print(
@@ -269,33 +243,18 @@ def _print_results(result: Any) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from pathlib import Path
 
     from rich.console import Console
+    from rich.table import Table
 
-    from tlengine._study import export_study_trial, pick_trial
-    from tlengine.plugins import get_registry
+    from tlengine._api import export
 
-    if args.precision == "fp16" and args.quantize == "int8":
-        raise UserError("--precision fp16 and --quantize int8 exclude each other; pick one")
-    variant = "fp16" if args.precision == "fp16" else f"int8-{args.calibration}" if args.quantize == "int8" else None
-    study, _ = _open_study(args)
-    trial = pick_trial(study, args.trial)
-    if args.out:
-        out = Path(args.out)
-    else:
-        run_dir = Path(trial.user_attrs.get("checkpoint", "")).parent.parent
-        suffix = {"fp16": ".fp16", "int8-static": ".int8", "int8-dynamic": ".int8-dynamic"}.get(variant or "", "")
-        out = run_dir / f"trial-{trial.number}{suffix}.onnx"
-    console = Console(stderr=True)
-    with console.status(f"exporting trial {trial.number} and checking it on the validation images"):
-        report = export_study_trial(get_registry(), study, trial, out, variant=variant, opset=args.opset)
+    report = export(args.study_name, storage=args.storage, runs=args.runs, trial=args.trial, out=args.out, opset=args.opset,
+                    precision=args.precision, quantize=args.quantize, calibration=args.calibration, quiet=False)
     if args.json:
         print(json.dumps(asdict(report), default=str, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"trial {report.trial} of {study.study_name}")
+    table = Table(title=f"trial {report.trial} of {args.study_name}")
     for column in ("model", "precision", f"val {report.metric}", "latency batch 1 (ms)"):
         table.add_column(column)
     reference = report.reference or report.path
@@ -360,9 +319,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tlengine._report import leaderboard
+    from tlengine._api import show
 
-    board = leaderboard(_open_study(args)[0])
+    board = show(args.study_name, storage=args.storage, runs=args.runs)
     if args.json:
         from dataclasses import asdict
 
@@ -382,16 +341,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
-    from tlengine._report import default_report_path, write_report
+    from tlengine._api import report as draw
 
-    study, storage = _open_study(args)
-    out = Path(args.out) if args.out else default_report_path(study, args.runs)
     with Console(stderr=True).status("drawing the report"):
-        report = write_report(study, out, storage=storage)
+        report = draw(args.study_name, storage=args.storage, runs=args.runs, out=args.out)
     for plot in report.missing:
         print(f"note: {plot.name} not drawn: {plot.note}", file=sys.stderr)
     print(f"wrote {report.path} ({len(report.drawn)} plots; PNGs in {report.folder})")

@@ -6,9 +6,16 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from tlengine._records import ImageData
+    from tlengine.plugins import Registry
 
 #: Version of the metadata layout written into ``metadata_props``.
 METADATA_SCHEMA = "1"
@@ -157,8 +164,8 @@ class ExportReport:
         path: The model to deploy.
         trial: The exported trial's number.
         parity: PyTorch vs onnxruntime on real validation images (fp32 model).
-        metric: The validation metric's name.
-        score_fp32: The fp32 ONNX model's validation score.
+        metric: The study's validation metric.
+        score_fp32: The fp32 ONNX model's validation score in that metric.
         latency_ms_fp32: Its median latency at batch 1 on this machine, in ms.
         variant: ``"fp16"``, ``"int8-static"``, ``"int8-dynamic"`` or ``None``.
         score: The deployed model's validation score.
@@ -178,47 +185,17 @@ class ExportReport:
     reference: Path | None = None
 
 
-def trial_model(registry: Any, config: Mapping[str, Any], values: Mapping[str, Any], checkpoint: Path) -> Any:
-    """Rebuild a trial's trained model from its study's config, its values and its checkpoint.
-
-    Args:
-        registry: The plugin registry.
-        config: The study's ``tlengine`` config (backbone, task, classes, target statistics).
-        values: Every value the trial used (``head`` and the head's parameters among them).
-        checkpoint: The trial's ``.safetensors`` checkpoint.
-
-    Raises:
-        UserError: The plugin that built it is not installed, or the checkpoint is missing.
-    """
-    from safetensors.torch import load_model
-
-    from tlengine._model import build_model, feature_width
-
-    head_name = values["head"]
-    if config["backbone"] not in registry.backbones or head_name not in registry.heads:
-        raise UserError(f"the trial was made with backbone {config['backbone']!r} and head {head_name!r}; install their plugins")
-    if not checkpoint.is_file():
-        raise UserError(f"{checkpoint}: the trial's checkpoint is not on this machine; export it where the trial ran")
-    backbone = registry.backbones[config["backbone"]].factory(config["arch"], "none")
-    outputs = len(config["classes"]) if config["task"] == "classification" else 1
-    head_record = registry.heads[head_name]
-    head_kwargs = {p: values[f"{head_name}.{p}"] for p in head_record.params if f"{head_name}.{p}" in values}
-    head = head_record.factory(feature_width(backbone), outputs, config["task"], **head_kwargs)
-    model = build_model(backbone, head, config["task"], config["target_mean"], config["target_std"])
-    load_model(model, str(checkpoint))
-    return model.eval()
-
-
-def onnx_score(path: Path, images: Any, targets: Any, task: str, batch_size: int = 64) -> float:
-    """Validation score of an ONNX model: accuracy, or RMSE for regression."""
+def onnx_score(path: Path, images: Any, targets: Any, metric: str, batch_size: int = 64) -> float:
+    """Validation ``metric`` of an ONNX model (:func:`tlengine._metrics.score`, as the search scores its trials)."""
     import numpy as np
     import onnxruntime as ort
+    import torch
+
+    from tlengine._metrics import score
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = np.concatenate([session.run(None, {"image": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)])
-    if task == "classification":
-        return float((outputs.argmax(-1) == targets).mean())
-    return float(np.sqrt(np.mean((outputs.reshape(-1) - targets) ** 2)))
+    return score(metric, torch.from_numpy(outputs).float(), torch.from_numpy(np.asarray(targets)))
 
 
 def latency_ms(path: Path, image: Any, repeats: int = 30) -> float:
@@ -296,7 +273,7 @@ def export_trial(
     """Export a trained model, gate it on parity, and optionally reduce its precision.
 
     Args:
-        model: The trained model (from :func:`trial_model` or the search).
+        model: The trained model (from :func:`tlengine._model.build_trial_model`).
         path: Where the model to deploy goes; with a ``variant``, the fp32 reference
             goes beside it as ``NAME.fp32.onnx``.
         metadata: Labels, task, preprocessing, backbone, params, metric, ...
@@ -311,21 +288,103 @@ def export_trial(
 
     from tlengine._model import inference_model
 
-    task = metadata["task"]
+    metric = metadata["metric"]
     stem = path.stem.removesuffix(".fp16").removesuffix(".int8-dynamic").removesuffix(".int8")
     reference = path.with_name(stem + ".fp32.onnx") if variant else path
     sample = torch.from_numpy(val_images[:16])
     parity = export_onnx(inference_model(model), reference, sample, metadata, opset=opset)
-    score_fp32 = onnx_score(reference, val_images, val_targets, task)
+    score_fp32 = onnx_score(reference, val_images, val_targets, metric)
     latency_fp32 = latency_ms(reference, val_images[:1])
     set_metadata(reference, {"precision": "fp32", "val_score": score_fp32})
     if not variant:
         return ExportReport(path, int(metadata.get("trial_number", -1)), parity, metadata.get("metric", ""), score_fp32, latency_fp32)
     reduce_precision(reference, path, variant, calibration)
-    score = onnx_score(path, val_images, val_targets, task)
+    score = onnx_score(path, val_images, val_targets, metric)
     set_metadata(path, {**read_metadata(reference), "precision": variant, "val_score": score, "val_score_fp32": score_fp32})
     onnx.checker.check_model(str(path))
     return ExportReport(
         path, int(metadata.get("trial_number", -1)), parity, metadata.get("metric", ""), score_fp32, latency_fp32,
         variant, score, latency_ms(path, val_images[:1]), reference,
     )
+
+
+def export_study_trial(
+    registry: Registry, study: optuna.Study, trial: optuna.trial.FrozenTrial, path: Path, *, data: ImageData | None = None,
+    model: torch.nn.Module | None = None, variant: str | None = None, opset: int = 18,
+) -> ExportReport:
+    """Export one finished trial of a study to ONNX, checked and scored on the study's validation images.
+
+    Args:
+        registry: The plugin registry (to rebuild the model).
+        study: The Optuna study.
+        trial: One of its completed trials (with a checkpoint).
+        path: Where the model goes.
+        data: The study's data, if already loaded (unreadable images left out); else loaded again
+            as the search loaded it.
+        model: The trial's model, if already built from its checkpoint; else built here.
+        variant: ``None``, ``"fp16"``, ``"int8-static"`` or ``"int8-dynamic"``.
+        opset: ONNX opset.
+
+    Raises:
+        UserError: The model cannot be rebuilt, the data cannot be read, or the export disagrees with PyTorch.
+    """
+    import random
+
+    import numpy as np
+
+    from tlengine._data import study_data
+    from tlengine._model import build_trial_model
+    from tlengine._preprocess import Preprocess
+    from tlengine._record import read_record
+
+    record = read_record(study)
+    data = study_data(registry, record) if data is None else data
+    values = trial.user_attrs.get("values", trial.params)
+    preprocess = Preprocess.from_data_config(record.data_config, values["image_size"])
+    val_images = np.stack([preprocess(item) for item in data.val.images])
+    val_targets = np.asarray(list(data.val.targets), dtype=np.int64 if record.task == "classification" else np.float32)
+    calibration = None
+    if variant == "int8-static":
+        picks = random.Random(0).sample(range(len(data.train)), min(128, len(data.train)))
+        calibration = np.stack([preprocess(data.train.images[i]) for i in picks])
+    if model is None:
+        model = build_trial_model(registry, record, values, checkpoint=Path(trial.user_attrs.get("checkpoint", "")))
+    metadata = {
+        "labels": list(record.classes), "task": record.task, "preprocess": preprocess.to_dict(), "backbone": record.backbone_spec,
+        "head": values["head"], "params": trial.params, "values": values, "metric": record.metric, "metric_value": trial.values[0],
+        "study_name": study.study_name, "trial_number": trial.number, "tlengine_version": version(),
+    }
+    return export_trial(model, path, metadata, val_images, val_targets, variant=variant, calibration=calibration, opset=opset)
+
+
+def version() -> str:
+    """tlengine's version."""
+    from tlengine import __version__
+
+    return __version__
+
+
+def parameter_count(model: torch.nn.Module, size: int) -> float:
+    """Millions of parameters of ``model`` (the ``params`` objective)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def onnx_latency(model: torch.nn.Module, size: int) -> float:
+    """Median onnxruntime CPU latency of ``model`` at batch 1, in ms (the ``latency`` objective).
+
+    The model is exported to a temporary ONNX file exactly as ``tlengine export`` would.
+    """
+    import tempfile
+
+    import torch
+
+    from tlengine._model import inference_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "m.onnx"
+        _torch_export(inference_model(model.cpu()), torch.zeros(2, 3, size, size), onnx_path, 18, external_data=False)
+        return latency_ms(onnx_path, torch.zeros(1, 3, size, size).numpy())
+
+
+#: Second objectives of a multi-objective search, minimised.
+COSTS = {"latency": onnx_latency, "params": parameter_count}

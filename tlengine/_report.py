@@ -12,15 +12,23 @@ import datetime
 import html
 import io
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
-from tlengine._study import first_line
+from tlengine._record import read_record
+from tlengine._storage import safe_url
+from tlengine._study import TrialRow, best_numbers, first_line, trial_rows
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from tlengine._records import ImageData
+    from tlengine.plugins import Registry
 
 #: Order of the states on the leaderboard, after the completed trials.
 STATE_ORDER = ("COMPLETE", "RUNNING", "PRUNED", "FAIL")
@@ -30,35 +38,6 @@ WORST_IMAGES = 18
 
 #: Plots that take the page's whole width.
 WIDE_PLOTS = ("freeze_depth", "per_class", "residuals", "worst")
-
-
-@dataclass(frozen=True)
-class BoardRow:
-    """One trial on the leaderboard.
-
-    Attributes:
-        number: The trial number.
-        state: Optuna's state name, lower case (``complete``, ``running``, ``pruned``, ``fail``).
-        recipe: The hand-made recipe the trial ran (``linear probe``, ...), or ``None``.
-        freeze_depth: Frozen stages, or ``None`` if the trial has not chosen yet.
-        params: The values the sampler chose (searched dimensions only).
-        score: The final metric of a completed trial, else the last epoch's (``final`` is then false).
-        final: Whether ``score`` is the trial's final value.
-        cost: The second objective of a multi-objective study.
-        epochs: Epochs run so far.
-        seconds: Duration; for a running trial, the time since it started.
-    """
-
-    number: int
-    state: str
-    recipe: str | None
-    freeze_depth: int | None
-    params: dict[str, Any]
-    score: float | None
-    final: bool
-    cost: float | None
-    epochs: int
-    seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -82,7 +61,7 @@ class Board:
     stages: int
     cost_name: str | None
     columns: tuple[str, ...]
-    rows: tuple[BoardRow, ...]
+    rows: tuple[TrialRow, ...]
     best: tuple[int, ...]
 
     def header(self) -> list[str]:
@@ -91,7 +70,7 @@ class Board:
         return ["trial", "recipe", "state", "freeze depth", "lr", *(c.replace("_", " ") for c in self.columns),
                 self.metric, *cost, "epochs", "seconds"]
 
-    def cells(self, row: BoardRow) -> list[str]:
+    def cells(self, row: TrialRow) -> list[str]:
         """One row as text; a score in parentheses is the last epoch's of an unfinished trial."""
         mark = ("★ " if len(self.best) == 1 else "◆ ") if row.number in self.best else ""
         score = "" if row.score is None else f"{row.score:.4f}" if row.final else f"({row.score:.4f})"
@@ -114,56 +93,26 @@ def format_value(value: Any) -> str:
 
 
 def leaderboard(study: Any) -> Board:
-    """The trials of a tlengine study, best first (queued ones not yet started are left out).
+    """The trials of a tlengine study (:func:`tlengine._study.trial_rows`), best first.
 
     Only reads the study, so it works on any storage, also while workers are writing to it.
     """
-    config = study.user_attrs["tlengine"]
+    record = read_record(study)
     maximize = study.directions[0].name == "MAXIMIZE"
-    now = datetime.datetime.now()
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name == "WAITING":  # an enqueued recipe no worker has started
-            continue
-        values = t.user_attrs.get("values") or {}
-        finished = t.state.name == "COMPLETE"
-        depth = t.params.get("freeze_depth", values.get("freeze_depth"))
-        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
-        if t.duration is not None:
-            seconds = t.duration.total_seconds()
-        elif t.datetime_start is not None and t.state.name == "RUNNING":
-            seconds = (now - t.datetime_start).total_seconds()
-        else:
-            seconds = None
-        rows.append(BoardRow(
-            number=t.number, state=t.state.name.lower(), recipe=t.user_attrs.get("recipe"), freeze_depth=depth,
-            params=dict(t.params), score=t.values[0] if finished and t.values else last, final=finished,
-            cost=t.values[1] if finished and t.values and len(t.values) > 1 else None,
-            epochs=len(t.intermediate_values) or len(t.user_attrs.get("history", ())), seconds=seconds,
-        ))
+    best = best_numbers(study)
 
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not complete:
-        best: tuple[int, ...] = ()
-    elif len(study.directions) == 1:
-        best = (study.best_trial.number,)  # one, even when others tie with it
-    else:
-        best = tuple(sorted(t.number for t in study.best_trials))
-
-    def order(row: BoardRow) -> tuple[int, float, bool, int]:
+    def order(row: TrialRow) -> tuple[int, float, bool, int]:
         rank = STATE_ORDER.index(row.state.upper()) if row.state.upper() in STATE_ORDER else len(STATE_ORDER)
         score = -math.inf if row.score is None or math.isnan(row.score) else row.score if maximize else -row.score
         return rank, -score, row.number not in best, row.number  # ties: the best trial first
 
-    rows.sort(key=order)
+    rows = sorted(trial_rows(study), key=order)
     searched = sorted({name for row in rows for name in row.params} - {"freeze_depth", "lr"})
-    space = list(config.get("space", {}))
+    space = list(record.space)
     columns = tuple(sorted(searched, key=lambda n: (space.index(n) if n in space else len(space), n)))
-    objectives = config.get("objectives")
     return Board(
-        study_name=study.study_name, metric=config["metric"], direction="maximize" if maximize else "minimize",
-        stages=int(config.get("stages", 0)), cost_name=objectives[1] if objectives else None,
-        columns=columns, rows=tuple(rows), best=best,
+        study_name=study.study_name, metric=record.metric, direction="maximize" if maximize else "minimize",
+        stages=record.stages, cost_name=record.cost, columns=columns, rows=tuple(rows), best=best,
     )
 
 
@@ -235,7 +184,8 @@ def default_report_path(study: Any, runs: str | Path) -> Path:
     return Path(runs) / study.study_name / "report.html"
 
 
-def write_report(study: Any, path: Path, *, storage: str = "", registry: Any = None) -> Report:
+def write_report(study: optuna.Study, path: Path, *, storage: str = "", registry: Registry | None = None,
+                 best_model: torch.nn.Module | None = None, data: ImageData | None = None) -> Report:
     """Draw every plot of ``study`` and write the HTML page ``path`` with them embedded.
 
     The PNGs also go into ``NAME_files/`` beside the page. A plot that cannot be drawn
@@ -247,6 +197,8 @@ def write_report(study: Any, path: Path, *, storage: str = "", registry: Any = N
         path: The ``.html`` file to write.
         storage: The storage URL, named in the page's footer (without its password).
         registry: The plugin registry (to rebuild the best model); loaded if ``None``.
+        best_model: The best trial's model, if already built from its checkpoint; else built here.
+        data: The study's data, if already loaded (unreadable images left out); else loaded again.
 
     Raises:
         UserError: The page or its folder cannot be written.
@@ -267,7 +219,7 @@ def write_report(study: Any, path: Path, *, storage: str = "", registry: Any = N
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna's matplotlib plots are marked experimental
         warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low `target`")
-        plots = _draw_all(study, board, registry)
+        plots = _draw_all(study, board, lambda: _best_predictions(study, registry, best_model, data))
     drawn = {p.name for p in plots if p.png is not None}
     partial = path.with_name(f".{path.name}.partial")  # a reader (or another worker) never sees half a page
     try:
@@ -285,23 +237,25 @@ def write_report(study: Any, path: Path, *, storage: str = "", registry: Any = N
     return Report(path, folder, tuple(plots))
 
 
-def report_after_search(storage: str, study_name: str, run_dir: Path) -> Path | None:
+def report_after_search(storage: str, study_name: str, run_dir: Path, *, best_model: torch.nn.Module | None = None,
+                        data: ImageData | None = None) -> Path | None:
     """Write ``run_dir/report.html`` at the end of a search; a failure is a warning, never an error."""
     from tlengine._study import load_study
 
     try:
-        return write_report(load_study(storage, study_name), run_dir / "report.html", storage=storage).path
+        study = load_study(storage, study_name)
+        return write_report(study, run_dir / "report.html", storage=storage, best_model=best_model, data=data).path
     except Exception as exc:  # the search's results matter more than its pictures
         problem = str(exc) if isinstance(exc, UserError) else f"could not draw the report ({type(exc).__name__}: {first_line(exc)})"
         print(f"warning: {problem}; the search's results are kept, draw it again with "
-              f"tlengine report --study-name {study_name} --storage {_safe_url(storage)}", file=sys.stderr)
+              f"tlengine report --study-name {study_name} --storage {safe_url(storage)}", file=sys.stderr)
         return None
 
 
-def _draw_all(study: Any, board: Board, registry: Any) -> list[Plot]:
-    config = study.user_attrs["tlengine"]
-    metric = config["metric"]
-    classification = config["task"] == "classification"
+def _draw_all(study: optuna.Study, board: Board, best_predictions: Callable[[], _Predictions]) -> list[Plot]:
+    record = read_record(study)
+    metric = record.metric
+    classification = record.task == "classification"
     drawers: list[tuple[str, str, str, Callable[[], Any]]] = [
         ("freeze_depth", f"Validation {metric} vs freeze depth",
          f"One point per trial; the stars mark the best trial at each depth. Depth 0 trains the whole backbone, "
@@ -318,7 +272,7 @@ def _draw_all(study: Any, board: Board, registry: Any) -> list[Plot]:
     def predicted() -> _Predictions:
         if not predictions:  # rebuilt and run once, for all the plots of the best model
             try:
-                predictions.append(_best_predictions(study, registry))
+                predictions.append(best_predictions())
             except (UserError, _Skip) as exc:
                 predictions.append(str(exc))
             except Exception as exc:
@@ -389,7 +343,7 @@ def _freeze_depth_plot(board: Board) -> Any:
     maximize = board.direction == "maximize"
     figure = _figure(11.0, 4.6)
     ax = figure.subplots()
-    by_depth: dict[int, list[BoardRow]] = {}
+    by_depth: dict[int, list[TrialRow]] = {}
     for row in sorted(done, key=lambda r: r.number):
         by_depth.setdefault(row.freeze_depth, []).append(row)
     xs, ys, pruned, where = [], [], [], {}
@@ -522,38 +476,38 @@ def _learning_curves(study: Any, metric: str) -> Any:
     return ax.figure
 
 
-def _best_predictions(study: Any, registry: Any) -> _Predictions:
-    """Rebuild the best trial's model and run it over the study's validation images."""
+def _best_predictions(study: optuna.Study, registry: Registry | None, model: torch.nn.Module | None,
+                      data: ImageData | None) -> _Predictions:
+    """Run the best trial's model (built from its checkpoint unless given) over the study's validation images."""
     import numpy as np
     import torch
 
-    from tlengine._export import trial_model
-    from tlengine._model import inference_model
+    from tlengine._data import study_data
+    from tlengine._model import build_trial_model, inference_model
     from tlengine._preprocess import Preprocess
-    from tlengine._study import drop_unreadable, pick_trial, study_data
+    from tlengine._study import pick_trial
     from tlengine.plugins import get_registry
 
     if not _complete(study):
         raise _Skip("no trial has completed yet")
     registry = registry or get_registry()
-    config = study.user_attrs["tlengine"]
+    record = read_record(study)
     trial = pick_trial(study, "best")
     checkpoint = Path(trial.user_attrs.get("checkpoint", ""))
-    if not checkpoint.is_file():
+    if model is None and not checkpoint.is_file():
         raise _Skip(f"the best trial's checkpoint {checkpoint} is not on this machine; draw the report where the trial ran")
     values = trial.user_attrs.get("values", trial.params)
-    model = inference_model(trial_model(registry, config, values, checkpoint))
-    data = drop_unreadable(study_data(registry, config), math.inf, lambda line: None)
-    preprocess = Preprocess.from_data_config(config["data_config"], values["image_size"])
+    model = inference_model(model if model is not None else build_trial_model(registry, record, values, checkpoint=checkpoint))
+    data = data if data is not None else study_data(registry, record)
+    preprocess = Preprocess.from_data_config(record.data_config, values["image_size"])
     items = list(data.val.images)
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(items), 64):
             batch = np.stack([preprocess(item) for item in items[start : start + 64]])
             outputs.append(model(torch.from_numpy(batch)).numpy())
-    dtype = np.int64 if config["task"] == "classification" else np.float64
-    return _Predictions(items, np.asarray(list(data.val.targets), dtype=dtype), np.concatenate(outputs),
-                        tuple(config["classes"]), config["task"])
+    dtype = np.int64 if record.task == "classification" else np.float64
+    return _Predictions(items, np.asarray(list(data.val.targets), dtype=dtype), np.concatenate(outputs), record.classes, record.task)
 
 
 def _confusion(p: _Predictions) -> Any:
@@ -689,29 +643,24 @@ footer { margin-top: 2rem; color: #888; font-size: 0.85rem; }
 """
 
 
-def _safe_url(url: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
-def _page(study: Any, board: Board, plots: Sequence[Plot], storage: str) -> str:
+def _page(study: optuna.Study, board: Board, plots: Sequence[Plot], storage: str) -> str:
     """The HTML page: a summary, the plots (images embedded as data URIs) and the leaderboard."""
     from tlengine import __version__
 
     e = html.escape
-    config = study.user_attrs["tlengine"]
+    record = read_record(study)
     counts: dict[str, int] = {}
     for row in board.rows:
         counts[row.state] = counts.get(row.state, 0) + 1
-    backbone = f"{config['backbone']}:{config['arch']}" if config.get("arch") else config["backbone"]
-    task = f"{len(config['classes'])} classes" if config["task"] == "classification" else "regression"
+    backbone = record.backbone_spec
+    task = f"{len(record.classes)} classes" if record.task == "classification" else "regression"
     parts = [
         "<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>tlengine report: {e(study.study_name)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
         f"<h1>Study {e(study.study_name)}</h1>",
-        f'<p class="meta">{e(backbone)} ({board.stages} stages) · {e(config["dataset"])} dataset, {e(task)} · '
-        f'{e(board.metric)} ({e(board.direction)}), {config.get("epochs")} epochs per trial</p>',
+        f'<p class="meta">{e(backbone)} ({board.stages} stages) · {e(record.dataset)} dataset, {e(task)} · '
+        f'{e(board.metric)} ({e(board.direction)}), {record.epochs} epochs per trial</p>',
         f'<p class="meta">{len(board.rows)} trials: ' + ", ".join(f"{n} {e(s)}" for s, n in counts.items()) + "</p>",
     ]
     best_rows = [r for r in board.rows if r.number in board.best]
@@ -748,7 +697,7 @@ def _page(study: Any, board: Board, plots: Sequence[Plot], storage: str) -> str:
         parts.append(f'<tr class="{css}">{cells}</tr>')
     parts.append("</tbody></table>")
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    where = _safe_url(storage) or "(not given)"
+    where = safe_url(storage) or "(not given)"
     parts.append(f"<footer>tlengine {e(__version__)} · {made} · storage {e(where)}</footer>")
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)

@@ -7,10 +7,9 @@ path in its ``epoch_checkpoint`` attribute. A trial that stops without finishing
 re-enqueued with Optuna's ``RetryFailedTrialCallback``; the retry reads the
 failed trial's checkpoint and continues from it.
 
-Stale trials are found three ways: Optuna's heartbeat on RDB storages (SQLite,
-PostgreSQL, MySQL); the same heartbeat on the journal file storage through
-:class:`HeartbeatJournalStorage`; and at once, without waiting for a grace period,
-a trial whose worker ran on this machine and whose process is gone.
+Stale trials are found by the heartbeat of every storage tlengine opens
+(:mod:`tlengine._storage`) and, at once, without waiting for a grace period, when a
+trial's worker ran on this machine and its process is gone.
 """
 
 from __future__ import annotations
@@ -19,107 +18,28 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-#: Seconds between heartbeats of a running trial.
-HEARTBEAT_INTERVAL = 20
-#: A running trial without a heartbeat for this long is stale.
-GRACE_PERIOD = 60
-#: A trial is retried at most this many times.
-MAX_RETRY = 3
+if TYPE_CHECKING:
+    import optuna
+
 CHECKPOINT_FORMAT = 1
 
 
-def retry_callback() -> Any:
-    """Optuna's callback that re-enqueues a failed trial with its parameters and attributes."""
+def retried_from(trial: optuna.Trial) -> int | None:
+    """The number of the trial that the running ``trial`` retries, or ``None`` (Optuna's
+    ``RetryFailedTrialCallback.retried_trial_number`` on the trial as stored)."""
     import warnings
 
     import optuna
 
-    callback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    frozen = trial.study._storage.get_trial(trial._trial_id)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # experimental / deprecation notes of Optuna's own API
-        return (callback or optuna.storages.RetryFailedTrialCallback)(max_retry=MAX_RETRY)
-
-
-def retried_from(trial: Any) -> int | None:
-    """The number of the trial that the running ``trial`` retries, or ``None``."""
-    return trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
-
-
-def _heartbeat_journal_class() -> type:
-    import optuna
-    from optuna.storages._heartbeat import BaseHeartbeat
-    from optuna.trial import TrialState
-
-    class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
-        """Optuna's journal file storage with the heartbeat Optuna gives RDB storages.
-
-        The heartbeat is a system attribute of the running trial holding the wall
-        clock time (the machines sharing a journal file need synchronised clocks,
-        as they do for PostgreSQL's ``now()``).
-        """
-
-        def __init__(self, backend: Any, heartbeat_interval: int, grace_period: int, callback: Any) -> None:
-            super().__init__(backend)
-            self._heartbeat_interval, self._grace_period, self._callback = heartbeat_interval, grace_period, callback
-
-        def record_heartbeat(self, trial_id: int) -> None:
-            self.set_trial_system_attr(trial_id, "heartbeat", time.time())
-
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            return [
-                t._trial_id
-                for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                if "heartbeat" in t.system_attrs and now - t.system_attrs["heartbeat"] > self._grace_period
-            ]
-
-        def get_heartbeat_interval(self) -> int | None:
-            return self._heartbeat_interval
-
-        def get_heartbeat_stale_trial_callback(self) -> Callable[[Any, Any], None] | None:
-            return self._callback
-
-    return HeartbeatJournalStorage
-
-
-def journal_storage(path: str) -> Any:
-    """A journal file storage at ``path`` with heartbeats and retries of stale trials."""
-    import optuna
-
-    backend = optuna.storages.journal.JournalFileBackend(path)
-    return _heartbeat_journal_class()(backend, HEARTBEAT_INTERVAL, GRACE_PERIOD, retry_callback())
-
-
-def rdb_storage(url: str) -> Any:
-    """An RDB storage for ``url`` with Optuna's heartbeat and retries of stale trials."""
-    import inspect
-    import warnings
-
-    import optuna
-
-    parameters = inspect.signature(optuna.storages.RDBStorage).parameters
-    callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the heartbeat is an experimental Optuna feature
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD, **{callback: retry_callback()},
-                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                )
-        except Exception as exc:
-            # Workers starting together on an empty database race to create Optuna's tables;
-            # the losers see a unique-key violation and find the tables made a moment later.
-            if attempt == 4 or not any(word in str(exc) for word in ("UniqueViolation", "already exists", "duplicate key")):
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
 
 
 def _boot_id() -> str:
@@ -168,6 +88,8 @@ def retry(study: Any, trial_number: int) -> None:
 
     storage = study._storage
     trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    from tlengine._storage import retry_callback
+
     retry_callback()(study, copy.deepcopy(storage.get_trial(trial_id)))
 
 
@@ -186,6 +108,20 @@ def fail_and_retry(study: Any, trial_number: int, reason: str) -> bool:
         return False
     retry(study, trial_number)
     return True
+
+
+def keep_for_resume(study: optuna.Study, number: int | None, always: bool) -> None:
+    """After trial ``number`` stopped unfinished (Ctrl-C, a full disk), enqueue its retry, which resumes from its
+    checkpoint; a failed trial is retried when ``always`` or when it was marked ``resumable``."""
+    from optuna.trial import TrialState
+
+    if number is None:
+        return
+    trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    if trial.state == TrialState.RUNNING:
+        fail_and_retry(study, number, "stopped")
+    elif trial.state == TrialState.FAIL and (always or "resumable" in trial.user_attrs):
+        retry(study, number)
 
 
 def recover_dead_workers(study: Any) -> list[int]:

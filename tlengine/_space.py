@@ -338,3 +338,31 @@ def _check_values(
                 option = options.get(name, "--param") if dim.source == "cli" else where if dim.source == "config" else "default"
                 hint = did_you_mean(str(value), heads if name == "head" else optimizers) if name in ("head", "optimizer") else ""
                 raise UserError(f"{option}: {name} = {value!r} must be {expected}{hint}")
+
+
+def opening_recipes(space: dict[str, Any], n_stages: int, epochs: int, default_lr: float) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The recipes a user would try by hand, as (name, enqueued params, overrides of default-fixed values).
+
+    Linear probe; full fine-tuning; and training the head first, then unfreezing
+    everything with a lower learning rate for earlier layers (layer decay 0.7).
+    """
+    recipes = [
+        ("linear probe", {"freeze_depth": n_stages, "lr": default_lr * 10, "layer_decay": 1.0, "label_smoothing": 0.0, "head_epochs": 0}),
+        ("full fine-tune", {"freeze_depth": 0, "lr": default_lr, "layer_decay": 1.0, "label_smoothing": 0.0, "head_epochs": 0}),
+        ("head first, then unfreeze", {"freeze_depth": 0, "lr": default_lr, "layer_decay": 0.7, "label_smoothing": 0.0,
+                                       "head_epochs": max(1, epochs // 3) if epochs > 1 else 0}),
+    ]
+    out = []
+    for name, values in recipes:
+        params, overrides = {}, {}
+        for key, value in values.items():
+            dim = space[key]
+            if dim.searched:
+                if dim.kind in ("int", "float"):
+                    value = min(dim.high, max(dim.low, value))
+                if dim.contains(value):
+                    params[key] = value
+            elif dim.source == "default":
+                overrides[key] = value
+        out.append((name, params, overrides))
+    return out

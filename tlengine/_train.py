@@ -1,15 +1,22 @@
-"""The training loop: one flat function, plus the data loaders and evaluation it uses."""
+"""The training loop: one flat function, and the evaluation it runs after every epoch.
+
+It trains on any :class:`~tlengine._loaders.Loader`; which one (cached features, decoded
+images, plain decoding) is the business of :mod:`tlengine._inputs`.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tlengine._preprocess import Preprocess, load_image
-from tlengine._records import Split
 from tlengine._stages import train_mode
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlengine._loaders import Loader
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class TrainPlan:
     class_weights: tuple[float, ...] | None = None
 
 
-def param_groups(model: Any, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups with timm's layer-wise learning-rate decay.
 
     The backbone's groups come from timm's ``param_groups_layer_decay`` (layers from
@@ -93,7 +100,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def amp_dtype(device: str) -> Any:
+def amp_dtype(device: str) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA where supported, else fp16; ``None`` (fp32) on CPU."""
     import torch
 
@@ -102,98 +109,7 @@ def amp_dtype(device: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-class PhasedLoader:
-    """One loader per range of epochs (say, the first epochs at a lower resolution), switched by ``set_epoch``.
-
-    Args:
-        phases: ``(end, loader)`` pairs: ``loader`` serves the epochs below ``end`` not
-            served by an earlier pair; the last serves every later epoch. Training phases
-            must yield the same number of batches (the learning-rate schedule counts them)
-            and share one shuffle generator, which they are given here, so that a resumed
-            trial replays the same order whatever phase it stopped in.
-    """
-
-    def __init__(self, phases: list[tuple[int, Any]]) -> None:
-        self.phases = phases
-        self.current = phases[0][1]
-        generator = getattr(self.current, "generator", None)
-        for _, other in phases[1:]:
-            if generator is not None and hasattr(other, "generator"):
-                other.generator = generator
-
-    @property
-    def generator(self) -> Any:
-        """The shuffle generator all phases share (``None`` for unshuffled loaders)."""
-        return getattr(self.current, "generator", None)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Serve epoch ``epoch`` from its phase's loader."""
-        self.current = next((item for end, item in self.phases if epoch < end), self.phases[-1][1])
-        if hasattr(self.current, "set_epoch"):
-            self.current.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.current)
-
-    def __iter__(self) -> Any:
-        return iter(self.current)
-
-
-def eval_transform(preprocess: Preprocess) -> Any:
-    """timm's evaluation transform matching ``preprocess`` (what the ONNX model expects)."""
-    from timm.data import create_transform
-
-    return create_transform(
-        preprocess.input_size,
-        is_training=False,
-        crop_pct=preprocess.crop_pct,
-        interpolation=preprocess.interpolation,
-        mean=preprocess.mean,
-        std=preprocess.std,
-    )
-
-
-def eval_tensors(split: Split, preprocess: Preprocess, task: str) -> Any:
-    """Decode and transform a split once for evaluation; returns a ``TensorDataset``.
-
-    The evaluation transform is deterministic, so every epoch of every trial can
-    reuse the same tensors.
-    """
-    import torch
-
-    transform = eval_transform(preprocess)
-    images = torch.stack([transform(load_image(item)) for item in split.images])
-    dtype = torch.long if task == "classification" else torch.float32
-    return torch.utils.data.TensorDataset(images, torch.tensor(list(split.targets), dtype=dtype))
-
-
-def loader(dataset: Any, batch_size: int, shuffle: bool, device: str, seed: int = 0, *, sampler: Any = None,
-           drop_last: bool | None = None) -> Any:
-    """A ``DataLoader``; worker processes only on CUDA (on CPU they compete with training).
-
-    A shuffled loader drops a last partial batch (unless it is the only one); ``sampler``
-    replaces shuffling (``drop_last`` then says whether to drop it).
-    """
-    import os
-
-    import torch
-
-    workers = min(4, os.cpu_count() or 1) if device.startswith("cuda") else 0
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=(shuffle and len(dataset) > batch_size) if drop_last is None else drop_last,
-        num_workers=workers,
-        pin_memory=device.startswith("cuda"),
-        persistent_workers=workers > 0,
-        generator=generator,
-    )
-
-
-def evaluate(model: Any, val_loader: Any, metric: str, device: str, *, channels_last: bool = True) -> tuple[float, Any]:
+def evaluate(model: torch.nn.Module, val_loader: Loader, metric: str, device: str, *, channels_last: bool = True) -> tuple[float, torch.Tensor]:
     """Score ``model`` on ``val_loader`` with ``metric``.
 
     Args:
@@ -270,7 +186,7 @@ class TrainingState:
     rng: dict[str, Any]
 
 
-def rng_state(loader_generator: Any = None) -> dict[str, Any]:
+def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
     """The states of Python's, numpy's and torch's generators (CPU and CUDA), and the loader's shuffle generator."""
     import random
 
@@ -288,7 +204,7 @@ def rng_state(loader_generator: Any = None) -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any], loader_generator: Any = None) -> None:
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
     """Restore what :func:`rng_state` captured."""
     import random
 
@@ -313,10 +229,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def fit(
-    model: Any,
-    optimizer: Any,
-    train_loader: Any,
-    val_loader: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Loader,
+    val_loader: Loader,
     plan: TrainPlan,
     *,
     device: str,
@@ -350,6 +266,10 @@ def fit(
     end. Out of memory halves the micro-batch and accumulates gradients so the
     effective batch stays the same (``on_backoff`` hears the new micro-batch);
     below :data:`MIN_MICRO_BATCH` it raises :class:`OutOfMemory`.
+
+    One flat function on purpose, as nanoGPT's ``train.py`` is one flat loop: an update
+    (micro-batches, backoff, scaler, schedule, checkpoint, stop) reads top to bottom, in
+    the order it happens, rather than across helpers.
 
     Returns:
         One :class:`EpochResult` per finished epoch (those before ``resume`` included).
@@ -390,7 +310,7 @@ def fit(
         mean, std = model.target_mean.to(device), model.target_std.to(device)
         loss_fn = lambda out, y: mse(out.squeeze(-1).float(), (y - mean) / std)  # noqa: E731
 
-    generator = getattr(train_loader, "generator", None)
+    generator = train_loader.generator
     history: list[EpochResult] = list(resume.history) if resume else []
     updates, micro = (resume.updates, resume.micro_batch) if resume else (0, None)
     first_epoch, skip = (resume.epoch, resume.step) if resume else (0, 0)
@@ -408,8 +328,7 @@ def fit(
         start = time.perf_counter()
         on_epoch_start(epoch)
         for epoch_loader in (train_loader, val_loader):  # the epoch's augmentation, cached view or resolution
-            if hasattr(epoch_loader, "set_epoch"):
-                epoch_loader.set_epoch(epoch)
+            epoch_loader.set_epoch(epoch)
         train_mode(model)
         epoch_rng = rng_state(generator)  # replays this epoch's batch order on a mid-epoch resume
         total_loss, seen = 0.0, 0

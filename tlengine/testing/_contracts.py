@@ -30,7 +30,7 @@ class BackboneContract:
 
     @pytest.fixture
     def model(self) -> Any:
-        from tlengine._study import resolve_backbone
+        from tlengine._model import resolve_backbone
 
         record, arch = resolve_backbone(get_registry(), self.backbone)
         return record.factory(arch, "none")

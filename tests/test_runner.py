@@ -1,0 +1,92 @@
+"""The trial runner, setup and input source, used without the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TINY_BACKBONE
+
+
+def setup_and_study(folder: Path, out: Path, **options: Any) -> tuple[Any, Any]:
+    from rich.console import Console
+
+    from tlengine._api import search_config
+    from tlengine._search import open_search_study
+    from tlengine._setup import make_setup
+
+    config = search_config(data=str(folder), backbone=TINY_BACKBONE, weights="none", epochs=2, image_size=32, batch_size=8, out=str(out),
+                           study_name="r", pruner="none", **options)
+    console = Console(quiet=True)
+    setup = make_setup(config, console)
+    return setup, open_search_study(setup, console)
+
+
+def source_for(setup: Any, cache: bool, cache_dir: Path) -> Any:
+    from tlengine._inputs import input_source
+    from tlengine._options import SearchConfig
+
+    options = SearchConfig(cache=cache, cache_dir=str(cache_dir)).cache_options()
+    return input_source(setup.data, setup.record.data_config, setup.device, seed=0, cache=options, base=setup.base,
+                        backbone_id="timm:test_efficientnet", stages=setup.stages, log=print)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "plain"])
+def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path) -> None:
+    """One call per trial: the linear probe, then full fine-tuning; each leaves a checkpoint, its values and history,
+    and the same trial gives the same score whether the caches serve it or not (the runner never asks)."""
+    from rich.console import Console
+
+    from tlengine._runner import TrialRunner
+
+    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=2)
+    source = source_for(setup, cache, tmp_path / "cache")
+    runner = TrialRunner(setup, study, source, console=Console(quiet=True))
+    study.optimize(runner, n_trials=2)
+    trials = [t for t in study.trials if t.state.name != "WAITING"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and runner.running == 1
+    assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["head first, then unfreeze"]
+    assert [t.user_attrs["values"]["freeze_depth"] for t in trials] == [setup.record.stages, 0]
+    for t in trials:
+        assert Path(t.user_attrs["checkpoint"]).is_file() and not Path(t.user_attrs["epoch_checkpoint"]).exists()
+        assert len(t.user_attrs["history"]) == 2 and t.value == t.user_attrs["history"][-1]["score"]
+    assert (source.caches is not None and source.caches.trials_on_features == 1) == cache
+
+
+def test_runner_gives_back_a_surplus_trial(tiny_folder: Path, tmp_path: Path) -> None:
+    """Asked for a trial after the study has its ``--trials``, the runner gives it back (a recipe goes back in the queue)."""
+    from rich.console import Console
+
+    from tlengine._runner import Surplus, TrialRunner
+
+    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=1)
+    runner = TrialRunner(setup, study, source_for(setup, False, tmp_path / "cache"), console=Console(quiet=True))
+    study.optimize(runner, n_trials=1)
+    waiting = [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"]
+    study.optimize(runner, n_trials=1, catch=(Surplus,))  # another worker's call, after the study was full
+    surplus = [t for t in study.trials if t.user_attrs.get("surplus")]
+    assert len(surplus) == 1 and surplus[0].state.name == "FAIL"
+    # the recipe it had taken is queued again, for a later --trials
+    assert sorted(t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING") == sorted(waiting)
+
+
+def test_one_builder_for_search_and_export(tiny_run: Path) -> None:
+    """``build_trial_model`` from a finished trial's checkpoint gives the weights the trial saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tlengine._model import build_trial_model
+    from tlengine._record import read_record
+    from tlengine._study import find_study, pick_trial
+    from tlengine.plugins import get_registry
+
+    study, _ = find_study("tiny", runs=str(tiny_run.parent))
+    trial = pick_trial(study, "best")
+    model = build_trial_model(get_registry(), read_record(study), trial.user_attrs["values"], checkpoint=Path(trial.user_attrs["checkpoint"]))
+    saved = load_file(trial.user_attrs["checkpoint"])
+    assert not model.training and saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    frozen = trial.user_attrs["values"]["freeze_depth"]
+    assert any(not p.requires_grad for p in model.parameters()) == (frozen > 0)

@@ -1,0 +1,154 @@
+"""The one data interface of a search: a trial asks for its inputs and gets them, whatever the caches do.
+
+A trial says what it trains (:class:`InputRequest`: frozen stages, image size,
+augmentation, batch size, epochs) and :meth:`InputSource.inputs` gives back the model
+``fit`` trains and its loaders (:class:`TrialInputs`). Behind that one call, in order:
+cached prefix features (the trial then trains its trainable suffix and head), decoded
+images from the cache, or decoding every image each epoch; and, with ``--early-size``,
+the first epochs at a lower resolution. The caches never change what a trial trains
+(see :mod:`tlengine._cache`), so the runner never knows whether they are on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tlengine._loaders import PhasedLoader, eval_tensors, image_train_loader, loader
+from tlengine._preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlengine._cache import Prepared, SearchCaches
+    from tlengine._loaders import Loader
+    from tlengine._records import ImageData
+
+
+@dataclass(frozen=True)
+class InputRequest:
+    """What one trial trains on.
+
+    Attributes:
+        depth: Leading backbone stages kept frozen.
+        image_size: Input side in pixels.
+        augment: ``(randaugment, hflip)`` of the training augmentation.
+        mixup: Whether mixup or cutmix mixes the training images.
+        batch_size: Images per training batch.
+        epochs: Epochs the trial trains.
+        shuffle_seed: Seeds the trial's shuffle order.
+    """
+
+    depth: int
+    image_size: int
+    augment: tuple[int, float]
+    mixup: bool
+    batch_size: int
+    epochs: int
+    shuffle_seed: int
+
+
+@dataclass(frozen=True)
+class TrialInputs:
+    """What :meth:`InputSource.inputs` gives a trial.
+
+    Attributes:
+        model: What ``fit`` trains: the trial's model, or (on cached features) its trainable
+            suffix and head, sharing the model's modules (a checkpoint of it is one of the model).
+        train_loader: Training batches, one epoch per ``set_epoch``.
+        val_loader: Validation batches.
+        on_features: Whether the loaders yield cached prefix features.
+        early: ``{"image_size", "epochs"}`` when the first epochs run at a lower resolution, else ``None``.
+        notes: What a person should know about these inputs (one line each).
+    """
+
+    model: torch.nn.Module
+    train_loader: Loader
+    val_loader: Loader
+    on_features: bool = False
+    early: Mapping[str, int] | None = None
+    notes: tuple[str, ...] = ()
+
+
+class InputSource:
+    """The inputs of every trial of one search.
+
+    Args:
+        data: The search's data.
+        data_config: timm's ``mean``, ``std``, ``interpolation`` and ``crop_pct`` of the backbone.
+        device: Where trials train.
+        augment_seed: The search's seed: image ``i`` in epoch ``e`` is augmented alike in every trial.
+        caches: The search's caches, or ``None`` (``--no-cache``).
+        early_size: ``--early-size``: the first ``early_epochs`` epochs of trials larger than it at this side.
+        early_epochs: ``--early-epochs``.
+    """
+
+    def __init__(self, data: ImageData, data_config: Mapping[str, Any], device: str, augment_seed: int,
+                 caches: SearchCaches | None = None, early_size: int | None = None, early_epochs: int = 1) -> None:
+        self.data, self.data_config, self.device, self.augment_seed = data, data_config, device, augment_seed
+        self.caches, self.early_size, self.early_epochs = caches, early_size, early_epochs
+        self._val: dict[Preprocess, Loader] = {}
+
+    def preprocess(self, image_size: int) -> Preprocess:
+        """The preprocessing at ``image_size`` (what the exported model expects)."""
+        return Preprocess.from_data_config(self.data_config, image_size)
+
+    def inputs(self, model: torch.nn.Module, backbone: torch.nn.Module, request: InputRequest) -> TrialInputs:
+        """The model ``fit`` trains and its loaders, for a trial of ``model`` (whose backbone is ``backbone``)."""
+        size = request.image_size
+        early = self.early_size if self.early_size is not None and self.early_size < size else None
+        main = self._prepare(model, backbone, request, size, first_epoch=self.early_epochs if early else 0)
+        if early is None:
+            return TrialInputs(main.model, main.train_loader, main.val_loader, main.features)
+        # the first epochs at a lower resolution, with the same model (or the same cached suffix)
+        first = self._prepare(model, backbone, dataclasses.replace(request, depth=request.depth if main.features else 0,
+                                                                   epochs=self.early_epochs), early, count=False)
+        if main.features and not (first.features and first.cut == main.cut):
+            main = self._prepare(model, backbone, request, size, count=False)
+            note = f"no cached features at {early}px to match those at {size}px; all its epochs at {size}px"
+            return TrialInputs(main.model, main.train_loader, main.val_loader, main.features, notes=(note,))
+        train = PhasedLoader([(self.early_epochs, first.train_loader), (request.epochs, main.train_loader)])
+        val = PhasedLoader([(self.early_epochs, first.val_loader), (request.epochs, main.val_loader)])
+        return TrialInputs(main.model, train, val, main.features, early={"image_size": early, "epochs": self.early_epochs})
+
+    def summary(self) -> str | None:
+        """One line on what the caches did, or ``None`` when they are off or served no trial."""
+        return self.caches.summary() if self.caches is not None and self.caches.trials else None
+
+    def _prepare(self, model: torch.nn.Module, backbone: torch.nn.Module, request: InputRequest, size: int, *,
+                 first_epoch: int = 0, count: bool = True) -> Prepared:
+        """The caches' model and loaders for epochs ``first_epoch`` on at ``size`` px, else the plain path's."""
+        from tlengine._cache import Prepared
+
+        preprocess = self.preprocess(size)
+        if self.caches is not None:
+            prepared = self.caches.prepare(
+                model, backbone, depth=request.depth, preprocess=preprocess, augment=request.augment, mixup=request.mixup,
+                batch_size=request.batch_size, epochs=request.epochs, shuffle_seed=request.shuffle_seed,
+                augment_seed=self.augment_seed, first_epoch=first_epoch, count=count,
+            )
+            if prepared is not None:
+                return prepared
+        if preprocess not in self._val:  # decoded once: the evaluation transform is deterministic
+            self._val[preprocess] = loader(eval_tensors(self.data.val, preprocess, self.data.task), 64, False, self.device)
+        train = image_train_loader(self.data.train, self.data.task, preprocess, request.augment, request.batch_size, self.device,
+                                   shuffle_seed=request.shuffle_seed, augment_seed=self.augment_seed)
+        return Prepared(model, train, self._val[preprocess], False)
+
+
+def input_source(data: ImageData, data_config: Mapping[str, Any], device: str, *, seed: int, cache: Any, base: torch.nn.Module,
+                 backbone_id: str, stages: list[list[str]], log: Callable[[str], None], early_size: int | None = None,
+                 early_epochs: int = 1) -> InputSource:
+    """The :class:`InputSource` of a search, with its caches when ``cache`` (a :class:`~tlengine._cache.CacheOptions`) is enabled.
+
+    Raises:
+        UserError: The cache folder cannot be created.
+    """
+    caches = None
+    if cache.enabled:
+        from tlengine._cache import SearchCaches
+
+        caches = SearchCaches(cache, data, base, backbone_id, stages, device, log)
+    return InputSource(data, data_config, device, seed, caches, early_size, early_epochs)

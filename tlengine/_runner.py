@@ -1,0 +1,281 @@
+"""The trial runner: the Optuna objective of a search, one trial per call.
+
+A call claims a slot in the study, samples the trial's values, builds its model
+(:func:`tlengine._model.build_trial_model`, as export and report do), asks the search's
+:class:`~tlengine._inputs.InputSource` for its inputs, resumes it from the checkpoint of
+the trial it retries, fits it, and finishes it (checkpoint, attributes, cost). It needs
+a :class:`~tlengine._setup.SearchSetup`, a study and an input source, no command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlengine._errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+    import rich.console
+    import rich.progress
+    import torch
+
+    from tlengine._inputs import InputSource, TrialInputs
+    from tlengine._setup import SearchSetup
+    from tlengine._train import EpochResult, TrainingState
+
+
+class Surplus(Exception):
+    """A worker asked for a trial after the others had already taken the study's last ones."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` (timm's random resized crop draws from the latter)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def unwritable(path: Path, exc: OSError) -> UserError:
+    """The one-line error for a checkpoint that could not be written (the trial is marked for resumption)."""
+    return UserError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); finished trials are kept, "
+                     "free some space and run the same command again to resume")
+
+
+class TrialRunner:
+    """The objective ``study.optimize`` calls: runs one trial and returns its score (and cost).
+
+    Args:
+        setup: The search's setup.
+        study: The study the trials belong to.
+        source: Where trials get their inputs.
+        console: Where messages go.
+        progress: Progress bars to add each trial's bar to (none shown if ``None``).
+        overall: The progress task advanced once per trial, if any.
+        should_stop: Turns true when the user asked to stop (the trial then checkpoints and stops).
+
+    Attributes:
+        running: The number of the trial this runner runs or ran last (``None`` before the first).
+    """
+
+    def __init__(self, setup: SearchSetup, study: optuna.Study, source: InputSource, *, console: rich.console.Console,
+                 progress: rich.progress.Progress | None = None, overall: Any = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        from rich.progress import Progress
+
+        self.setup, self.study, self.source, self.console = setup, study, source, console
+        self.progress = progress if progress is not None else Progress(disable=True)
+        self.overall, self.should_stop = overall, should_stop
+        self.base_state = {k: v.clone() for k, v in setup.base.state_dict().items()}
+        self.running: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        from tlengine._resume import worker_identity
+
+        self.running = trial.number
+        trial.set_user_attr("worker", worker_identity())
+        self.claim(trial)
+        values = self.sample(trial)
+        model, optimizer = self.build(trial, values)
+        inputs = self.source.inputs(model, model.backbone, self.request(trial, values))
+        for note in inputs.notes:
+            self.say(trial, note)
+        if inputs.early:
+            trial.set_user_attr("early", dict(inputs.early))
+        resume, previous = self.resume(trial, model)
+        history = self.fit(trial, values, model, optimizer, inputs, resume)
+        return self.finish(trial, values, model, history, previous)
+
+    def say(self, trial: optuna.Trial, line: str) -> None:
+        """Print ``line`` about ``trial`` (prefixed with the worker in a worker process)."""
+        self.console.print(f"{self.setup.label}trial {trial.number}: {line}")
+
+    def claim(self, trial: optuna.Trial) -> None:
+        """Take a slot of the study's ``--trials``, counting the trials finished or running ahead of this
+        one and the retries of stopped trials still waiting (they resume work already done, so they go first).
+
+        Raises:
+            Surplus: The study has its trials already; enqueued work (a recipe, a retry) goes back in the queue.
+        """
+        from optuna.trial import TrialState
+
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        system_attrs = self.study._storage.get_trial(trial._trial_id).system_attrs
+        others = self.study.get_trials(deepcopy=False, states=(*done, TrialState.RUNNING, TrialState.WAITING))
+        ahead = [t for t in others if t.state in done or t.state == TrialState.RUNNING and t.number < trial.number]
+        retries = [] if "failed_trial" in system_attrs else [
+            t for t in others if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs]
+        n_trials = self.setup.n_trials
+        if len(ahead) + len(retries) < n_trials:
+            return
+        if not retries:  # the other workers finish the study
+            self.study.stop()
+        trial.set_user_attr("surplus", True)
+        if "fixed_params" in system_attrs:
+            self.study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k not in ("surplus", "worker")})
+        raise Surplus(f"the study already has its {n_trials} trials")
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Every value the trial uses: sampled, fixed, or set by its recipe; stored as its ``values`` attribute."""
+        space, registry = self.setup.space, self.setup.registry
+        overrides = trial.user_attrs.get("overrides", {})
+        values = {name: overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial)
+                  for name, dim in space.items() if "." not in name}
+        for plugin in (registry.heads[values["head"]], registry.optimizers[values["optimizer"]]):
+            values.update({f"{plugin.name}.{p}": space[f"{plugin.name}.{p}"].suggest(trial) for p in plugin.params})
+        trial.set_user_attr("values", values)
+        return values
+
+    def build(self, trial: optuna.Trial, values: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The trial's model (from the base weights, frozen at its depth) and its optimizer, seeded by the trial."""
+        from tlengine._model import build_trial_model
+        from tlengine._train import param_groups
+
+        setup = self.setup
+        seed_everything(setup.config.seed + trial.number)
+        model = build_trial_model(setup.registry, setup.record, values, backbone_state=self.base_state)
+        opt = setup.registry.optimizers[values["optimizer"]]
+        groups = param_groups(model, values["weight_decay"], values["layer_decay"])
+        return model, opt.factory(groups, values["lr"], values["weight_decay"], **{p: values[f"{opt.name}.{p}"] for p in opt.params})
+
+    def request(self, trial: optuna.Trial, values: dict[str, Any]) -> Any:
+        """What the trial asks of the input source."""
+        from tlengine._inputs import InputRequest
+
+        return InputRequest(
+            depth=values["freeze_depth"], image_size=values["image_size"], augment=(values["randaugment"], values["hflip"]),
+            mixup=values["mixup"] > 0 or values["cutmix"] > 0, batch_size=values["batch_size"], epochs=self.setup.record.epochs,
+            shuffle_seed=self.setup.config.seed + trial.number,
+        )
+
+    def resume(self, trial: optuna.Trial, model: torch.nn.Module) -> tuple[TrainingState | None, Path | None]:
+        """The training state to continue from when ``trial`` retries a stopped one (its epochs replayed to the
+        pruner), and the stopped trial's checkpoint; ``(None, None)`` for a new trial."""
+        from tlengine._resume import load_checkpoint, retried_from
+        from tlengine._study import first_line
+
+        origin = retried_from(trial)
+        previous = Path(trial.user_attrs.get("epoch_checkpoint", "")) if origin is not None else None
+        resume = None
+        if previous is not None and previous.is_file():
+            try:
+                resume = load_checkpoint(previous, model)
+            except Exception as exc:  # a damaged checkpoint costs the epochs it held, not the trial
+                self.say(trial, f"cannot read {previous} ({first_line(exc)}); starting it afresh")
+            else:
+                trial.set_user_attr("resumed_from", {"trial": origin, "epoch": resume.epoch, "step": resume.step})
+                self.console.print(f"{self.setup.label}trial {trial.number} resumes trial {origin} at epoch {resume.epoch + 1}"
+                                   + (f", batch {resume.step + 1}" if resume.step else ""))
+        if resume is not None and not self.setup.record.objectives:  # the pruner sees the epochs trained before the stop
+            for result in resume.history:
+                trial.report(result.score, result.epoch)
+        return resume, previous
+
+    def fit(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            inputs: TrialInputs, resume: TrainingState | None) -> list[EpochResult]:
+        """Train the trial with a progress bar, an epoch checkpoint and the pruner.
+
+        Raises:
+            optuna.TrialPruned: The pruner stopped it, its loss diverged, or it ran out of memory at the smallest micro-batch.
+            TrialInterrupted: The user asked to stop; its checkpoint is saved and it is marked for resumption.
+            UserError: Its checkpoint could not be written.
+        """
+        import optuna
+
+        from tlengine._resume import save_checkpoint
+        from tlengine._stages import freeze_stages
+        from tlengine._train import OutOfMemory, TrainPlan, TrialInterrupted
+        from tlengine._train import fit as fit_model
+
+        setup, record = self.setup, self.setup.record
+        depth, head_epochs = values["freeze_depth"], values["head_epochs"]
+        plan = TrainPlan(
+            epochs=record.epochs, task=record.task, metric=record.metric, label_smoothing=values["label_smoothing"],
+            warmup=values["warmup"], mixup=values["mixup"], cutmix=values["cutmix"], num_classes=record.num_outputs,
+            class_weights=setup.class_weights,
+        )
+        described = f"depth {depth}/{record.stages}, lr {values['lr']:.1e}"
+        checkpoint = setup.run_dir / "trials" / f"{trial.number}.last.safetensors"
+        trial.set_user_attr("epoch_checkpoint", str(checkpoint.resolve()))
+        label = f"trial {trial.number} · depth {depth}/{record.stages} · lr {values['lr']:.1e}" + (" · cached" if inputs.on_features else "")
+        steps = max(1, len(inputs.train_loader))
+        bar = self.progress.add_task(label, total=record.epochs * steps, completed=(resume.epoch * steps + resume.step) if resume else 0)
+
+        def save(state: TrainingState) -> None:
+            try:
+                save_checkpoint(checkpoint, model, state)
+            except OSError as exc:  # the previous epoch's checkpoint stays for the resume
+                trial.set_user_attr("resumable", "its checkpoint could not be written")
+                raise unwritable(checkpoint, exc) from exc
+
+        def on_epoch(result: EpochResult) -> None:
+            self.progress.update(bar, description=f"{label} · {record.metric} {result.score:.4f}")
+            if record.objectives:  # Optuna prunes single-objective studies only
+                return
+            trial.report(result.score, result.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
+
+        def on_backoff(micro: int) -> None:
+            trial.set_user_attr("micro_batch", micro)
+            self.say(trial, f"out of memory; micro-batch {micro} with gradient accumulation (effective batch {values['batch_size']})")
+
+        try:
+            return fit_model(
+                inputs.model, optimizer, inputs.train_loader, inputs.val_loader, plan, device=setup.device, resume=resume, save=save,
+                should_stop=self.should_stop, on_step=lambda: self.progress.advance(bar), on_epoch=on_epoch,
+                on_epoch_start=lambda epoch: freeze_stages(model.backbone, record.stages if epoch < head_epochs else depth) if head_epochs else None,
+                on_backoff=on_backoff,
+            )
+        except (FloatingPointError, OutOfMemory, optuna.TrialPruned) as exc:
+            trial.set_user_attr("prune_reason", str(exc))
+            self.say(trial, f"{'pruned, ' if not isinstance(exc, optuna.TrialPruned) else ''}{exc} ({described})")
+            checkpoint.unlink(missing_ok=True)
+            raise optuna.TrialPruned(str(exc)) from exc
+        except TrialInterrupted as exc:
+            trial.set_user_attr("resumable", str(exc))
+            raise
+        finally:
+            self.progress.remove_task(bar)
+            if self.overall is not None:
+                self.progress.advance(self.overall)
+
+    def finish(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module, history: list[EpochResult],
+               previous: Path | None) -> float | tuple[float, float]:
+        """Write the trial's checkpoint, record its history, drop its epoch checkpoints; its score (and cost).
+
+        Raises:
+            UserError: The checkpoint could not be written (the trial is marked for resumption).
+        """
+        from safetensors.torch import save_model
+
+        from tlengine._export import COSTS
+
+        record = self.setup.record
+        checkpoint = self.setup.run_dir / "trials" / f"{trial.number}.safetensors"
+        try:
+            save_model(model.cpu(), str(checkpoint))
+        except OSError as exc:
+            checkpoint.unlink(missing_ok=True)
+            trial.set_user_attr("resumable", "its checkpoint could not be written")
+            raise unwritable(checkpoint, exc) from exc
+        trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
+        trial.set_user_attr("history", [asdict(h) for h in history])
+        Path(trial.user_attrs["epoch_checkpoint"]).unlink(missing_ok=True)
+        if previous is not None:
+            previous.unlink(missing_ok=True)
+        described = f"depth {values['freeze_depth']}/{record.stages}, lr {values['lr']:.1e}"
+        score = history[-1].score
+        if not record.objectives:
+            self.say(trial, f"{record.metric} {score:.4f} ({described})")
+            return score
+        cost = COSTS[record.objectives[1]](model.eval(), values["image_size"])
+        self.say(trial, f"{record.metric} {score:.4f}, {record.objectives[1]} {cost:.3g} ({described})")
+        return score, cost

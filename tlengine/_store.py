@@ -1,0 +1,216 @@
+"""The cache store: ``.npy`` files read as memory maps, capped, least recently used evicted first;
+the hashes that key them; and decoding a split into one of them on several threads.
+
+Writes go to a temporary file renamed into place, so concurrent writers of one key
+never leave a torn file (the last rename wins; both wrote the same bytes). Every use
+touches a file's modification time; before a write, the least recently used files
+are deleted until the folder fits under the cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tlengine._errors import UserError
+from tlengine._preprocess import Preprocess
+
+
+def default_cache_dir() -> Path:
+    """``$TLENGINE_CACHE``, else ``~/.cache/tlengine``."""
+    env = os.environ.get("TLENGINE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tlengine"
+
+
+def digest(*parts: Any) -> str:
+    """A short hex key for JSON-able ``parts``."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def images_digest(images: Sequence[Any]) -> str:
+    """Hash of a split's images: path, size and mtime of files; the bytes of in-memory images."""
+    import numpy as np
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for item in images:
+        if isinstance(item, np.ndarray):
+            h.update(f"array{item.shape}{item.dtype}".encode())
+            h.update(hashlib.sha256(np.ascontiguousarray(item).tobytes()).digest())
+        elif isinstance(item, Image.Image):
+            h.update(f"pil{item.mode}{item.size}".encode())
+            h.update(hashlib.sha256(item.tobytes()).digest())
+        else:
+            path = Path(item)
+            stat = path.stat()
+            h.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """Hash of a state dict's names, shapes, dtypes and values."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Store:
+    """``.npy`` files under a folder, read as memory maps, capped, least recently used evicted first.
+
+    Args:
+        root: The cache folder (created).
+        cap_bytes: The most bytes the folder may hold.
+
+    Raises:
+        UserError: The folder cannot be created.
+    """
+
+    def __init__(self, root: Path, cap_bytes: int) -> None:
+        self.root = Path(root)
+        self.cap_bytes = int(cap_bytes)
+        self.hits: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+        self.made_extra: dict[str, int] = {}
+        self.evicted = 0
+        try:
+            for kind in ("images", "features"):
+                (self.root / kind).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--cache-dir {root}: cannot create it ({exc.strerror}); choose a writable folder or pass --no-cache") from exc
+
+    def path(self, kind: str, key: str) -> Path:
+        """Where the file for ``key`` lives."""
+        return self.root / kind / f"{key}.npy"
+
+    def get(self, kind: str, key: str) -> Any:
+        """The memory-mapped array of ``key``, or ``None``; marks it as just used."""
+        import numpy as np
+
+        path = self.path(kind, key)
+        try:
+            array = np.load(path, mmap_mode="r")
+            os.utime(path)
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+        return array
+
+    def get_or_make(self, kind: str, key: str, shape: tuple[int, ...], dtype: str, fill: Callable[[Any], None],
+                    extras: Sequence[tuple[str, tuple[int, ...], str]] = ()) -> Any:
+        """The array of ``key``, made with ``fill(array)`` when missing; ``None`` if it cannot fit under the cap.
+
+        ``fill`` writes into a memory-mapped temporary file that is renamed into
+        place once full, so readers never see a partial file. ``extras`` are more
+        ``(key, shape, dtype)`` files the same pass can fill for free: those missing that
+        fit in the cap's free space (never evicting for them) are made too, and ``fill``
+        then gets ``(array, {key: array})``.
+        """
+        import numpy as np
+
+        array = self.get(kind, key)
+        if array is not None and array.shape == tuple(shape):
+            self.hits[kind] = self.hits.get(kind, 0) + 1
+            return array
+        self.misses[kind] = self.misses.get(kind, 0) + 1
+        nbytes = _nbytes(shape, dtype)
+        if nbytes > self.cap_bytes:
+            return None
+        self.evict(nbytes)
+        free = self.cap_bytes - self.size_bytes() - nbytes
+        wanted = {}
+        for extra, extra_shape, extra_dtype in extras:
+            if extra != key and extra not in wanted and not self.path(kind, extra).is_file() and _nbytes(extra_shape, extra_dtype) <= free:
+                wanted[extra] = (tuple(extra_shape), extra_dtype)
+                free -= _nbytes(extra_shape, extra_dtype)
+        files = {k: (self.path(kind, k), self.path(kind, k).with_name(f".{k}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+                 for k in [key, *wanted]}
+        try:
+            outs = {k: np.lib.format.open_memmap(files[k][1], mode="w+", dtype=d, shape=sh)
+                    for k, (sh, d) in {key: (tuple(shape), dtype), **wanted}.items()}
+            out = outs.pop(key)
+            fill(out, outs) if extras else fill(out)  # an extra ``fill`` removes from ``outs`` is not kept
+            kept = [key, *outs]
+            for array in [out, *outs.values()]:
+                array.flush()
+            del out, outs
+            for k in kept:
+                os.replace(files[k][1], files[k][0])
+        finally:
+            for _, tmp in files.values():
+                tmp.unlink(missing_ok=True)
+        self.made_extra[kind] = self.made_extra.get(kind, 0) + len(kept) - 1
+        return self.get(kind, key)
+
+    def files(self) -> list[tuple[float, int, Path]]:
+        """``(mtime, bytes, path)`` of every cached file, oldest first."""
+        found = []
+        for kind in ("images", "features"):
+            for path in (self.root / kind).glob("*.npy"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((stat.st_mtime, stat.st_size, path))
+        return sorted(found)
+
+    def evict(self, incoming: int) -> None:
+        """Delete the least recently used files until ``incoming`` more bytes fit under the cap."""
+        files = self.files()
+        total = sum(size for _, size, _ in files)
+        for _, size, path in files:
+            if total + incoming <= self.cap_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            self.evicted += 1
+
+    def size_bytes(self) -> int:
+        """Bytes the cached files take."""
+        return sum(size for _, size, _ in self.files())
+
+
+def decode_threads() -> int:
+    """Threads for decoding: the CPUs this process may run on, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus))
+
+
+def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int | None = None) -> None:
+    """Decode, resize and crop every item into ``out[i]`` (uint8 ``(N, H, W, 3)``), on ``threads`` threads
+    (default :func:`decode_threads`).
+
+    Threads, not processes: Pillow releases the GIL while it decodes and resizes, and the
+    threads write straight into the memory-mapped output.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> None:
+        out[i] = crop.pixels(items[i])  # pixels() loads the item (tlengine._preprocess.load_image)
+
+    threads = decode_threads() if threads is None else threads
+    if threads <= 1 or len(items) < 2:
+        for i in range(len(items)):
+            one(i)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="tlengine-decode") as pool:
+        for _ in pool.map(one, range(len(items))):  # re-raises the first error
+            pass
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    import numpy as np
+
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
