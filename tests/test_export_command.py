@@ -19,7 +19,7 @@ def test_export_a_chosen_trial(tiny_run: Path, tmp_path: Path) -> None:
     import onnx
 
     summary = json.loads((tiny_run / "summary.json").read_text())
-    other = next(t for t in summary["trials"] if t["state"] == "COMPLETE" and t["number"] != summary["best"]["number"])
+    other = next(t for t in summary["trials"] if t["state"] == "complete" and t["number"] != summary["best"]["number"])
     out = tmp_path / "other.onnx"
     result = run_cli("export", "--storage", storage(tiny_run), "--study-name", "tiny", "--trial", str(other["number"]),
                      "--out", str(out), "--json")
@@ -31,7 +31,7 @@ def test_export_a_chosen_trial(tiny_run: Path, tmp_path: Path) -> None:
     assert json.loads(props["params"]) == other["params"]
     assert int(props["trial_number"]) == other["number"]
     # the exported model scores what the trial scored on the same validation images
-    assert report["score_fp32"] == pytest.approx(other["value"], abs=1e-6)
+    assert report["score_fp32"] == pytest.approx(other["score"], abs=1e-6)
 
 
 @pytest.mark.parametrize("flags,precision", [(["--precision", "fp16"], "fp16"), (["--quantize", "int8"], "int8-static"),
@@ -72,3 +72,40 @@ def test_predict_csv(tiny_run: Path, tiny_folder: Path, tmp_path: Path) -> None:
     assert len(rows) == len(list((tiny_folder / "val").rglob("*.png")))
     assert set(rows[0]) == {"image", "label_1", "probability_1", "label_2", "probability_2"}
     assert float(rows[0]["probability_1"]) >= float(rows[0]["probability_2"])
+
+
+@pytest.mark.parametrize("task,metric", [("regression", "r2"), ("classification", "macro_f1")])
+def test_export_scores_with_the_study_metric(task: str, metric: str, tiny_folder: Path, tmp_path: Path) -> None:
+    """Regression test: the export scored with accuracy or RMSE whatever the study's metric, and labelled it with the
+    metric (an r2 study's export showed its RMSE as r2). It scores a trial with the study's metric, as the search did."""
+    from conftest import TINY_BACKBONE, write_brightness_csv
+
+    data = str(write_brightness_csv(tmp_path)) if task == "regression" else str(tiny_folder)
+    result = run_cli("search", "--data", data, "--task", task, "--metric", metric, "--backbone", TINY_BACKBONE, "--weights", "none",
+                     "--trials", "2", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "runs"), "--study-name", "m", "--json")
+    assert result.returncode == 0, result.stderr
+    fine_tune = json.loads(result.stdout)["trials"][1]  # trained on decoded images, as the export evaluates it
+    assert fine_tune["recipe"] == "full fine-tune" and fine_tune["state"] == "complete"
+    result = run_cli("export", "--storage", storage(tmp_path / "runs" / "m"), "--study-name", "m", "--trial", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metric"] == metric
+    assert report["score_fp32"] == pytest.approx(fine_tune["score"], abs=1e-4)
+
+
+def test_export_leaves_out_unreadable_images(tmp_path: Path) -> None:
+    """Regression test: the search left out an unreadable validation and training image, but ``tlengine export``
+    loaded the data again with them and crashed (validation scoring, then int8 calibration on training images)."""
+    from conftest import TINY_BACKBONE, write_image_folder
+
+    folder = write_image_folder(tmp_path / "d")
+    sorted((folder / "val").rglob("*.png"))[0].write_bytes(b"not an image")
+    sorted((folder / "train").rglob("*.png"))[0].write_bytes(b"\x89PNG broken")
+    result = run_cli("search", "--data", str(folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "1", "--epochs", "1",
+                     "--image-size", "32", "--max-bad-images", "2", "--out", str(tmp_path / "runs"), "--study-name", "b")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 unreadable image(s)" in result.stderr
+    for flags in ([], ["--quantize", "int8"]):
+        result = run_cli("export", "--runs", str(tmp_path / "runs"), "--study-name", "b", "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["parity"]["max_abs_diff"] < 1e-4

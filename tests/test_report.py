@@ -61,7 +61,7 @@ def add_pruned_and_running_trials(storage: str, name: str) -> None:
     """What another worker leaves in a study: a trial pruned after one epoch and one still training."""
     import optuna
 
-    from tlengine._study import make_storage
+    from tlengine._storage import make_storage
 
     study = optuna.load_study(study_name=name, storage=make_storage(storage))
     depth = {"freeze_depth": study.trials[0].distributions["freeze_depth"]}
@@ -217,6 +217,32 @@ def test_show_sorts_by_score(run: Path, tmp_path: Path, capsys: pytest.CaptureFi
     first_cells = [line.split("│")[1].strip() for line in table.splitlines() if line.count("│") > 3]
     numbers = [cell for cell in first_cells if cell and cell != "trial"]
     assert numbers == [f"★ {trials[0]['number']}"] + [str(t["number"]) for t in trials[1:]]
+
+
+def test_surplus_trials_are_listed_nowhere(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Regression test: a trial a worker asked for after the study was full is stored as failed and marked
+    surplus; ``summary.json`` left it out but ``show`` and the report listed it as a failed trial. One row type
+    (``tlengine._study.trial_rows``) serves all three now, without it."""
+    import optuna
+
+    from tlengine._cli import main
+    from tlengine._report import write_report
+    from tlengine._storage import make_storage
+    from tlengine._study import load_study, trial_rows
+
+    shutil.copytree(run, tmp_path / "runs")
+    storage = f"sqlite:///{tmp_path / 'runs' / 'rep' / 'study.db'}"
+    study = optuna.load_study(study_name="rep", storage=make_storage(storage))
+    ran = sorted(t.number for t in study.trials)
+    surplus = study.ask()
+    surplus.set_user_attr("surplus", True)
+    study.tell(surplus, state=optuna.trial.TrialState.FAIL)
+    capsys.readouterr()
+    assert main(["show", "--runs", str(tmp_path / "runs"), "--study-name", "rep", "--json"]) == 0
+    assert sorted(t["number"] for t in json.loads(capsys.readouterr().out)["trials"]) == ran
+    assert [r.number for r in trial_rows(load_study(storage, "rep"))] == ran
+    page = write_report(load_study(storage, "rep"), tmp_path / "r.html", storage=storage).path.read_text()
+    assert "fail" not in re.sub(r"<style>.*?</style>", "", page, flags=re.S)
 
 
 def test_show_reads_a_journal_storage_being_written(regression_run: Path, capsys: pytest.CaptureFixture) -> None:
