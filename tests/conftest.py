@@ -80,16 +80,14 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
-    """A finished two-trial search with a tiny timm model; returns its run folder."""
-    from tlengine._cli import main
+    """A finished two-trial search with a tiny timm model (through the Python API); returns its run folder."""
+    import tlengine
 
     out = tmp_path_factory.mktemp("runs")
-    code = main(
-        ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "2",
-         "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--out", str(out), "--study-name", "tiny"]
-    )
-    assert code == 0
-    return out / "tiny"
+    result = tlengine.search(tiny_folder, TINY_BACKBONE, trials=2, epochs=2, weights="none", image_size=32, batch_size=8, out=out,
+                             study_name="tiny", quiet=True)
+    assert result.run_dir == out / "tiny" and result.onnx_path == out / "tiny" / "best.onnx"
+    return result.run_dir
 
 
 @pytest.fixture

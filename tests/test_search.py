@@ -26,13 +26,12 @@ def test_outputs_written(tiny_run: Path) -> None:
 
 
 def test_trials_differ_in_depth_and_lr(tmp_path: Path, tiny_folder: Path) -> None:
-    from tlengine._cli import main
+    import tlengine
 
-    args = ["search", "--data", str(tiny_folder), "--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "4",
-            "--epochs", "1", "--image-size", "32", "--out", str(tmp_path), "--study-name", "s", "--pruner", "none"]
-    assert main(args) == 0
+    result = tlengine.search(tiny_folder, TINY_BACKBONE, trials=4, epochs=1, weights="none", image_size=32, out=tmp_path,
+                             study_name="s", pruner="none", quiet=True)
     trials = json.loads((tmp_path / "s" / "summary.json").read_text())["trials"]
-    assert len(trials) == 4
+    assert len(trials) == 4 and [t["number"] for t in trials] == [r.number for r in result.rows]
     assert len({t["params"]["freeze_depth"] for t in trials}) >= 3
     assert len({round(t["params"]["lr"], 12) for t in trials}) >= 3
 
