@@ -118,7 +118,12 @@ def load_data(dataset: Dataset, path: str | None, options: DatasetOptions, max_b
     Raises:
         UserError: The dataset cannot read it, too many images are unreadable, or the data cannot be trained on.
     """
-    data = drop_unreadable(dataset.factory(path, options), max_bad, warn)
+    from tlengine._timing import stage
+
+    with stage("listing"):
+        listed = dataset.factory(path, options)
+    with stage("checking images"):
+        data = drop_unreadable(listed, max_bad, warn)
     check_data(data, path or dataset.name)
     return data
 

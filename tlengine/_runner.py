@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
+from tlengine._timing import stage
 
 if TYPE_CHECKING:
     import optuna
@@ -90,7 +91,8 @@ class TrialRunner:
         if inputs.early:
             trial.set_user_attr("early", dict(inputs.early))
         resume, previous = self.resume(trial, model)
-        history = self.fit(trial, values, model, optimizer, inputs, resume)
+        with stage("training"):
+            history = self.fit(trial, values, model, optimizer, inputs, resume)
         return self.finish(trial, values, model, history, previous)
 
     def say(self, trial: optuna.Trial, line: str) -> None:

@@ -18,6 +18,7 @@ from tlengine._errors import UserError
 from tlengine._options import SearchConfig
 from tlengine._record import StudyRecord
 from tlengine._study import TrialRow
+from tlengine._timing import current_stages, stage, stopwatch
 from tlengine._workers import SearchInterrupted
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ class SearchResult:
         pareto: The Pareto front's trial numbers of a multi-objective study.
         onnx_path: The exported best model, or ``None``.
         parity: onnxruntime vs PyTorch on the validation images (``max_abs_diff``, ``top1_agreement``).
+        stages: Where this process's time and memory went: ``{stage: {"seconds", "calls",
+            "peak_rss_mb", "peak_anon_mb"}}`` for listing, checking images, backbone, decoding,
+            features, training, export, export scoring, report and report predictions
+            (:mod:`tlengine._timing`); also in ``summary.json``.
     """
 
     study_name: str
@@ -58,6 +63,7 @@ class SearchResult:
     pareto: tuple[int, ...] = ()
     onnx_path: Path | None = None
     parity: dict[str, Any] | None = None
+    stages: dict[str, dict[str, Any]] | None = None
 
     @property
     def metric(self) -> str:
@@ -88,6 +94,13 @@ def run_search(config: SearchConfig, console: rich.console.Console) -> SearchRes
         UserError: For any mistake in the options, the config file or the data.
         SearchInterrupted: Ctrl-C stopped it; finished trials are kept and the same command resumes it.
     """
+    with stopwatch():
+        result = _search(config, console)
+    return result
+
+
+def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult:
+    """:func:`run_search` inside its stopwatch."""
     import optuna
 
     from tlengine._inputs import input_source
@@ -114,7 +127,8 @@ def run_search(config: SearchConfig, console: rich.console.Console) -> SearchRes
     if source.summary():
         warn(f"{setup.label}{source.summary()}")
     if config.worker is not None:
-        return SearchResult(setup.study_name, setup.storage, setup.run_dir, setup.record, (), None, setup.searched)
+        return SearchResult(setup.study_name, setup.storage, setup.run_dir, setup.record, (), None, setup.searched,
+                            stages=current_stages())
     return finish(setup, study, console)
 
 
@@ -199,35 +213,42 @@ def finish(setup: SearchSetup, study: optuna.Study, console: rich.console.Consol
     pareto = best_numbers(study) if setup.record.objectives else ()
     result = SearchResult(setup.study_name, setup.storage, setup.run_dir, setup.record, rows, None, setup.searched, pareto)
     if not any(row.state == "complete" for row in rows):
-        write_summary(result)
-        return result
+        return write_summary(result)
     best_trial = pick_trial(study, "best")
     result = replace(result, best=next(r for r in rows if r.number == best_trial.number))
     checkpoint = Path(best_trial.user_attrs.get("checkpoint", ""))
     if not checkpoint.is_file():
         console.print(f"[yellow]warning:[/] the best trial's checkpoint {checkpoint} is not on this machine; not exporting "
                       f"(export it where it is: tlengine export --storage URL --study-name {setup.study_name} --trial {best_trial.number})")
-        write_summary(result)
-        return result
+        return write_summary(result)
     values = best_trial.user_attrs.get("values", best_trial.params)
     model = build_trial_model(setup.registry, setup.record, values, checkpoint=checkpoint)
-    with console.status("exporting the best trial to ONNX and checking it with onnxruntime"):
+    with console.status("exporting the best trial to ONNX and checking it with onnxruntime"), stage("export"):
         shutil.copyfile(checkpoint, setup.run_dir / "best.safetensors")
         onnx_path = setup.run_dir / "best.onnx"
         report = export_study_trial(setup.registry, study, best_trial, onnx_path, data=setup.data, model=model)
     result = replace(result, onnx_path=onnx_path, parity=asdict(report.parity))
-    write_summary(result, best_model=model, data=setup.data)
-    return result
+    return write_summary(result, best_model=model, data=setup.data)
 
 
-def write_summary(result: SearchResult, *, best_model: torch.nn.Module | None = None, data: Any = None) -> None:
-    """Write ``summary.json`` (best trial, record, every trial) and ``report.html`` beside the study.
+def write_summary(result: SearchResult, *, best_model: torch.nn.Module | None = None, data: Any = None) -> SearchResult:
+    """Write ``report.html`` and ``summary.json`` (best trial, record, every trial, stages) beside the study.
+
+    The report goes first, so that the summary's stages count it.
 
     Args:
         result: The search's result.
         best_model: The best trial's model, if already built (the report runs it on the validation images).
         data: The study's data, if already loaded.
+
+    Returns:
+        ``result`` with its stages.
     """
+    from tlengine._report import report_after_search
+
+    with stage("report"):
+        report_after_search(result.storage, result.study_name, result.run_dir, best_model=best_model, data=data)
+    result = replace(result, stages=current_stages())
     summary = {
         "study_name": result.study_name,
         "storage": result.storage,
@@ -241,8 +262,7 @@ def write_summary(result: SearchResult, *, best_model: torch.nn.Module | None = 
         "parity": result.parity,
         "config": result.record.to_dict(),
         "trials": [asdict(r) for r in result.rows],
+        "stages": result.stages,
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    from tlengine._report import report_after_search
-
-    report_after_search(result.storage, result.study_name, result.run_dir, best_model=best_model, data=data)
+    return result

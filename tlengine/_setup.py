@@ -109,6 +109,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     from tlengine._space import read_config
     from tlengine._stages import backbone_stages
     from tlengine._study import make_pruner, make_sampler
+    from tlengine._timing import stage
     from tlengine._train import resolve_device
     from tlengine.plugins import get_registry
 
@@ -129,7 +130,8 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
         dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths)
         data = load_data(dataset, config.data, dataset_options, config.max_bad_images, warn)
-        base = backbone.factory(arch, config.weights)
+        with stage("backbone"):
+            base = backbone.factory(arch, config.weights)
     objectives, metric = _objectives(options, data.task)
     data_config = resolve_data_config(model=base)
     suggested = dataset.suggested
