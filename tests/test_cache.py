@@ -219,13 +219,14 @@ def test_lru_eviction_under_cap(tmp_path: Path) -> None:
 WRITER = """
 import sys, time
 from pathlib import Path
+import numpy as np
 from tlengine._store import Store
 store = Store(Path(sys.argv[1]), 10**9)
 def fill(out):
     for i in range(len(out)):
         out[i] = int(sys.argv[2])
         time.sleep(0.002)
-array = store.get_or_make("features", "same-key", (200, 64), "int32", fill)
+array = np.asarray(store.get_or_make("features", "same-key", (200, 64), "int32", fill))
 assert (array == array[0, 0]).all()
 """
 
@@ -394,3 +395,25 @@ def test_features_that_cannot_be_cached_say_why_once(tiny_folder: Path, tmp_path
     tiny._log = said.append
     assert tiny.features(tiny.splitter.split(depth, 32), "val", preprocess, None, (0, 0.5)) is None
     assert said[-1] == f"caches: features after {depth} stages do not fit under --cache-size-gb 1e-06; such trials run on images"
+
+
+def test_decoded_images_over_the_cap_say_how_much_they_need(tmp_path: Path, tiny_folder: Path) -> None:
+    """Over the cap, the trial decodes every epoch and the line says the gigabytes needed and the flag to raise."""
+    import torch
+    from timm.data import resolve_data_config
+
+    from tlengine._inputs import InputRequest, InputSource
+    from tlengine._model import build_model
+
+    data = tiny_data(tiny_folder)
+    base = backbone("test_efficientnet")
+    said: list[str] = []
+    caches = search_caches(data, base, tmp_path, size_gb=1e-6)
+    caches._log = said.append
+    model = build_model(base, torch.nn.Linear(base.num_features, 3), "classification")
+    source = InputSource(data, resolve_data_config(model=base), "cpu", 0, caches)
+    inputs = source.inputs(model, base, InputRequest(0, 32, (0, 0.5), False, 8, 1, 0))
+    assert not inputs.on_features and len(inputs.train_loader) >= 1
+    need = (len(data.val) * 32 * 32 + len(data.train) * 36 * 36) * 3 / 1e6  # eval crop 32, training square at the resize side 36
+    assert said == [f"caches: the decoded images at 32px need {max(1, round(need))} MB, over --cache-size-gb 1e-06; decoding every image every "
+                    "epoch (pass --cache-size-gb 1 with that much free disk to decode them once)"]

@@ -67,3 +67,45 @@ def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest
     assert _export.read_metadata(path)["labels"] == '["a", "b", "c"]'
     out = ort.InferenceSession(str(path)).run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})[0]
     assert out.shape == (2, 3)
+
+
+def test_export_memory_does_not_grow_with_the_validation_split(tmp_path: Path) -> None:
+    """The export's parity check and scoring stream the validation images: 10x the images, the same peak memory."""
+    import tracemalloc
+
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    from tlengine._export import ValidationImages, export_trial
+    from tlengine._model import build_model
+    from tlengine._preprocess import Preprocess
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3000):
+        path = tmp_path / "val" / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    targets = [i % 3 for i in range(3000)]
+    preprocess = Preprocess.from_data_config({"mean": (0.5,) * 3, "std": (0.25,) * 3}, 32)
+    torch.manual_seed(0)
+    model = build_model(timm.create_model("test_efficientnet", num_classes=0), torch.nn.Linear(256, 3), "classification")
+    metadata = {"task": "classification", "labels": ["a", "b", "c"], "metric": "accuracy", "trial_number": 0}
+
+    def peak_bytes(n: int) -> tuple[int, float]:
+        images = ValidationImages(paths[:n], targets[:n], preprocess, classification=True)
+        tracemalloc.start()
+        try:
+            report = export_trial(model, tmp_path / f"m{n}.onnx", metadata, images)
+            return tracemalloc.get_traced_memory()[1], report.score_fp32
+        finally:
+            tracemalloc.stop()
+
+    small, score_small = peak_bytes(300)
+    large, score_large = peak_bytes(3000)
+    assert 0.0 <= score_small <= 1.0 and 0.0 <= score_large <= 1.0
+    # the whole split as float32 would add 2,700 x 12 KB = 33 MB; allow well under 1 KB per extra image
+    assert large - small < 2700 * 1024, (small, large)

@@ -2,8 +2,9 @@
 
 Two kinds of ``.npy`` file live under the cache folder (``--cache-dir``, else
 ``$TLENGINE_CACHE``, else ``~/.cache/tlengine``) in a :class:`~tlengine._store.Store`.
-They are read as memory maps, so every trial and every process on the machine shares
-one copy through the page cache:
+They are read in place a batch at a time (:class:`~tlengine._store.NpyFile`), so every trial
+and every process on the machine shares one copy through the page cache, and a process
+holds one batch of them, however many images there are:
 
 - ``images/KEY.npy``: the images of a split decoded, resized and centre-cropped once,
   uint8 ``(N, H, W, 3)``. Two layouts: the evaluation crop (exactly what timm's eval
@@ -29,16 +30,18 @@ decoding whenever a cache cannot serve them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
-from tlengine._loaders import EpochLoader, augment_batch, feature_dataset, image_train_loader, loader, normalize, target_tensor, tensor_augment, train_square
+from tlengine._loaders import EpochLoader, augment_batch, eval_loader, feature_dataset, image_train_loader, loader, normalize, target_tensor, tensor_augment, train_square
 from tlengine._preprocess import Preprocess
 from tlengine._split import PrefixSplit, Splitter, cached_model
 from tlengine._store import Store, decode_into, default_cache_dir, digest, images_digest, state_digest
+from tlengine._timing import stage
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +158,8 @@ class SearchCaches:
         key = digest("images", FORMAT, self._images_digest(name), layout, side, preprocess.resize, preprocess.interpolation, PIL.__version__)
         items = self._split(name).images
 
-        return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", lambda out: decode_into(out, items, crop))
+        with stage("decoding"):
+            return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", lambda out: decode_into(out, items, crop))
 
     def _weights_digest(self) -> str:
         if self._weights is None:
@@ -212,7 +216,7 @@ class SearchCaches:
             try:
                 with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                     for start in range(0, n, _BATCH):
-                        x = torch.from_numpy(np.array(pixels[start:start + _BATCH])).permute(0, 3, 1, 2).to(self.device)
+                        x = torch.from_numpy(pixels[start:start + _BATCH]).permute(0, 3, 1, 2).to(self.device)
                         if augmenter is not None:
                             x = augment_batch(x, range(start, start + len(x)), augmenter, seed, view)
                         x = normalize(x, preprocess)
@@ -233,7 +237,8 @@ class SearchCaches:
 
         extras = [(k, (n, *other.feature_shape), FEATURE_DTYPE) for k, other in shallower.items()]
         try:
-            array = self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
+            with stage("features"):
+                array = self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
         except _Uncached as exc:
             self.say_once(f"caches: features after {split.depth} stages: {exc}; such trials run on images")
             return None
@@ -275,13 +280,9 @@ class SearchCaches:
                 if views[-1] is None:  # said why; no use computing the other views
                     break
             if val is not None and views and all(v is not None for v in views):
-                import numpy as np
-                import torch
-
                 val_key = (split.depth, split.cut, preprocess)
-                if self._val_features is None or self._val_features[0] != val_key:  # keep one: features can be large
-                    dataset = torch.utils.data.TensorDataset(torch.from_numpy(np.array(val, dtype=np.float32)), val_targets)
-                    self._val_features = (val_key, loader(dataset, 64, False, self.device))
+                if self._val_features is None or self._val_features[0] != val_key:  # read a batch at a time
+                    self._val_features = (val_key, loader(feature_dataset([val], val_targets), 64, False, self.device))
                 self.trials_on_features += count
                 train_targets = target_tensor(self.data.train.targets, task)
                 train = EpochLoader(feature_dataset(views, train_targets), len(train_targets), len(views), batch_size, self.device,
@@ -289,13 +290,14 @@ class SearchCaches:
                 return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True, split.cut)
         eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, "train")
         if eval_pixels is None or train_pixels is None:
-            self.say_once(f"caches: the decoded images do not fit under --cache-size-gb {self.options.size_gb:g}; decoding every epoch")
+            need = images_bytes(len(self.data.val), preprocess.input_size) + images_bytes(len(self.data.train), preprocess.resize)
+            size = f"{need / 1e9:.1f} GB" if need >= 1e9 else f"{max(1, round(need / 1e6))} MB"
+            self.say_once(f"caches: the decoded images at {preprocess.input_size}px need {size}, over --cache-size-gb "
+                          f"{self.options.size_gb:g}; decoding every image every epoch (pass --cache-size-gb "
+                          f"{max(1, math.ceil(need * 1.25 / 1e9))} with that much free disk to decode them once)")
             return None
         if preprocess not in self._val_images:
-            import torch
-
-            images = normalize(torch.from_numpy(eval_pixels.copy()).permute(0, 3, 1, 2), preprocess)
-            self._val_images[preprocess] = loader(torch.utils.data.TensorDataset(images, val_targets), 64, False, self.device)
+            self._val_images[preprocess] = eval_loader(self.data.val, task, preprocess, self.device, pixels=eval_pixels)
         train = image_train_loader(self.data.train, task, preprocess, augment, batch_size, self.device, shuffle_seed=shuffle_seed,
                                    augment_seed=augment_seed, pixels=train_pixels)
         return Prepared(model, train, self._val_images[preprocess], False)
@@ -309,6 +311,11 @@ class SearchCaches:
             parts[-1] += f" (+{self.store.made_extra['features']} for fewer frozen stages on the way)"
         return (f"caches: {'; '.join(parts)}; {self.trials_on_features} of {self.trials} trials on cached features; "
                 f"{self.store.root} ({self.store.size_bytes() / 1e6:.0f} MB)")
+
+
+def images_bytes(count: int, side: int) -> int:
+    """Bytes of ``count`` decoded images of ``side`` x ``side`` pixels in the cache (uint8 RGB)."""
+    return count * side * side * 3
 
 
 class _Uncached(Exception):

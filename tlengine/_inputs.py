@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tlengine._loaders import PhasedLoader, eval_tensors, image_train_loader, loader
+from tlengine._loaders import PhasedLoader, eval_loader, image_train_loader
 from tlengine._preprocess import Preprocess
 
 if TYPE_CHECKING:
@@ -131,8 +131,8 @@ class InputSource:
             )
             if prepared is not None:
                 return prepared
-        if preprocess not in self._val:  # decoded once: the evaluation transform is deterministic
-            self._val[preprocess] = loader(eval_tensors(self.data.val, preprocess, self.data.task), 64, False, self.device)
+        if preprocess not in self._val:  # decoded a batch at a time as it is read
+            self._val[preprocess] = eval_loader(self.data.val, self.data.task, preprocess, self.device)
         train = image_train_loader(self.data.train, self.data.task, preprocess, request.augment, request.batch_size, self.device,
                                    shuffle_seed=request.shuffle_seed, augment_seed=self.augment_seed)
         return Prepared(model, train, self._val[preprocess], False)

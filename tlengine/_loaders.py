@@ -235,6 +235,36 @@ class AugmentLoader(EpochLoader):
             yield normalize(x, self.preprocess), y
 
 
+class NormalizedLoader:
+    """An unshuffled :class:`Loader` of ``(uint8 image, index, target)`` items, normalised batch by batch.
+
+    The evaluation loader of every path: a batch of uint8 images is read (from the cache
+    file, or decoded) only when it is iterated, so evaluating holds one batch, not the split.
+
+    Args:
+        dataset: Items ``(uint8 (3, H, W) image, index, target)``.
+        preprocess: The normalisation.
+        device: Where the model runs (batches are normalised there).
+        batch_size: Images per batch.
+    """
+
+    generator = None
+
+    def __init__(self, dataset: Any, preprocess: Preprocess, device: str, batch_size: int = 64) -> None:
+        self.inner = loader(dataset, batch_size, False, device)
+        self.preprocess, self.device = preprocess, device
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing changes between epochs."""
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[Any]:
+        for x, _, y in self.inner:
+            yield normalize(x.to(self.device, non_blocking=True), self.preprocess), y
+
+
 # ---------------------------------------------------------------- augmentation and normalisation
 
 
@@ -323,10 +353,10 @@ def target_tensor(targets: Sequence[Any], task: str) -> torch.Tensor:
 
 
 def eval_tensors(split: Split, preprocess: Preprocess, task: str) -> torch.utils.data.TensorDataset:
-    """Decode and transform a split once for evaluation; returns a ``TensorDataset``.
+    """A whole split through timm's evaluation transform, as one ``TensorDataset``.
 
-    The evaluation transform is deterministic, so every epoch of every trial can
-    reuse the same tensors.
+    The reference the streamed :func:`eval_loader` is checked against (and a convenience
+    for small sets): searches never use it, since it holds the whole split in memory.
     """
     import torch
 
@@ -335,8 +365,17 @@ def eval_tensors(split: Split, preprocess: Preprocess, task: str) -> torch.utils
     return torch.utils.data.TensorDataset(images, target_tensor(split.targets, task))
 
 
+def eval_loader(split: Split, task: str, preprocess: Preprocess, device: str, *, pixels: Any = None,
+                batch_size: int = 64) -> NormalizedLoader:
+    """Evaluation batches of ``split`` at the evaluation crop: read from decoded ``pixels`` (the eval layout)
+    when given, else decoded when each batch is read. Both equal :func:`eval_tensors` up to float rounding."""
+    targets = target_tensor(split.targets, task)
+    dataset = uint8_dataset(pixels, targets) if pixels is not None else decoding_dataset(split.images, preprocess, targets)
+    return NormalizedLoader(dataset, preprocess, device, batch_size)
+
+
 def uint8_dataset(pixels: Any, targets: torch.Tensor) -> torch.utils.data.Dataset:
-    """A ``Dataset`` of ``(uint8 (3, H, W) tensor, index, target)`` read from a memory-mapped ``(N, H, W, 3)`` array."""
+    """A ``Dataset`` of ``(uint8 (3, H, W) tensor, index, target)`` read from a cached ``(N, H, W, 3)`` file."""
     import numpy as np
     import torch
 
@@ -345,13 +384,13 @@ def uint8_dataset(pixels: Any, targets: torch.Tensor) -> torch.utils.data.Datase
             return len(pixels)
 
         def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
-            return torch.from_numpy(np.array(pixels[index])).permute(2, 0, 1), index, targets[index]
+            return torch.from_numpy(np.asarray(pixels[index])).permute(2, 0, 1), index, targets[index]
 
     return Pixels()
 
 
-def decoding_dataset(items: Sequence[Any], square: Preprocess, targets: torch.Tensor) -> torch.utils.data.Dataset:
-    """Like :func:`uint8_dataset`, decoding and cropping each image when it is read (no cache)."""
+def decoding_dataset(items: Sequence[Any], crop: Preprocess, targets: torch.Tensor) -> torch.utils.data.Dataset:
+    """Like :func:`uint8_dataset`, decoding each image and cropping it as ``crop`` says when it is read (no cache)."""
     import torch
 
     class Decoding(torch.utils.data.Dataset):
@@ -359,7 +398,7 @@ def decoding_dataset(items: Sequence[Any], square: Preprocess, targets: torch.Te
             return len(items)
 
         def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
-            return torch.from_numpy(square.pixels(items[index]).copy()).permute(2, 0, 1), index, targets[index]
+            return torch.from_numpy(crop.pixels(items[index]).copy()).permute(2, 0, 1), index, targets[index]
 
     return Decoding()
 

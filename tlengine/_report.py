@@ -483,6 +483,8 @@ def _best_predictions(study: optuna.Study, registry: Registry | None, model: tor
     import torch
 
     from tlengine._data import study_data
+    from tlengine._export import ValidationImages
+    from tlengine._timing import stage
     from tlengine._model import build_trial_model, inference_model
     from tlengine._preprocess import Preprocess
     from tlengine._study import pick_trial
@@ -500,14 +502,11 @@ def _best_predictions(study: optuna.Study, registry: Registry | None, model: tor
     model = inference_model(model if model is not None else build_trial_model(registry, record, values, checkpoint=checkpoint))
     data = data if data is not None else study_data(registry, record)
     preprocess = Preprocess.from_data_config(record.data_config, values["image_size"])
-    items = list(data.val.images)
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(items), 64):
-            batch = np.stack([preprocess(item) for item in items[start : start + 64]])
-            outputs.append(model(torch.from_numpy(batch)).numpy())
+    images = ValidationImages(data.val.images, data.val.targets, preprocess, record.task == "classification")
+    with torch.inference_mode(), stage("report predictions"):  # a batch of images at a time
+        outputs = [model(torch.from_numpy(batch)).numpy() for batch, _ in images.batches(64)]
     dtype = np.int64 if record.task == "classification" else np.float64
-    return _Predictions(items, np.asarray(list(data.val.targets), dtype=dtype), np.concatenate(outputs), record.classes, record.task)
+    return _Predictions(data.val.images, images.targets.astype(dtype), np.concatenate(outputs), record.classes, record.task)
 
 
 def _confusion(p: _Predictions) -> Any:

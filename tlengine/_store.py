@@ -1,5 +1,6 @@
-"""The cache store: ``.npy`` files read as memory maps, capped, least recently used evicted first;
-the hashes that key them; and decoding a split into one of them on several threads.
+"""The cache store: ``.npy`` files read and written in place (:class:`NpyFile`), capped, least
+recently used evicted first; the hashes that key them; and decoding a split into one of them
+on several threads.
 
 Writes go to a temporary file renamed into place, so concurrent writers of one key
 never leave a torn file (the last rename wins; both wrote the same bytes). Every use
@@ -65,8 +66,153 @@ def state_digest(state: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
+class NpyFile:
+    """A ``.npy`` file read and written in place with ``pread``/``pwrite``: rows on demand, never the whole file.
+
+    Why not numpy's memory maps: every page of a memory map that a process touches counts
+    in its resident set until the map is closed, so a search that reads its cached images
+    or features once per epoch would grow by the size of the cache (33 KB per image at
+    32 px, gigabytes for a few hundred thousand images). Read with ``pread``, the pages stay
+    in the kernel's page cache, shared by every process and dropped under memory pressure,
+    and the process holds one batch. Row indexing covers what the loaders need: an integer,
+    a contiguous slice (one read), or an array of integers.
+
+    Args:
+        path: An existing C-ordered ``.npy`` file (see :meth:`create`).
+        writable: Open it for writing too.
+    """
+
+    def __init__(self, path: Path, writable: bool = False) -> None:
+        import numpy as np
+
+        self.path, self.writable = Path(path), writable
+        with open(self.path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not read in place")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if os.path.getsize(self.path) < self.offset + self.row_bytes * self.shape[0]:
+            raise ValueError(f"{path}: shorter than its header says")
+        self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+
+    @classmethod
+    def create(cls, path: Path, shape: Sequence[int], dtype: str) -> NpyFile:
+        """A new zero-filled ``.npy`` file (sparse where the file system allows), open for writing."""
+        import numpy as np
+
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            f.truncate(f.tell() + _nbytes(shape, dtype) - 128)
+        return cls(path, writable=True)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array's data."""
+        return self.row_bytes * self.shape[0]
+
+    def _rows(self, start: int, stop: int) -> Any:
+        import numpy as np
+
+        count = max(0, stop - start)
+        data = os.pread(self._fd, count * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != count * self.row_bytes:
+            raise OSError(f"{self.path}: short read")
+        return np.frombuffer(bytearray(data), dtype=self.dtype).reshape(count, *self.shape[1:])
+
+    def __getitem__(self, key: Any) -> Any:
+        """Rows ``key`` (an int, a slice, or integers; then, in a tuple, indices within them) as a new writable array."""
+        import numpy as np
+
+        if isinstance(key, tuple):
+            rows = self[key[0]] if key else self.copy()
+            rest = key[1:] if isinstance(key[0], (int, np.integer)) else (slice(None), *key[1:])
+            return rows[rest]
+
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            rows = self._rows(start, stop)
+            return rows if step == 1 else rows[::step]
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {key} out of range for {len(self)} rows")
+            return self._rows(index, index + 1)[0]
+        indices = np.asarray(key)
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"rows are indexed by integers, slices or integer arrays, not {indices.dtype}")
+        return np.stack([self[int(i)] for i in indices.reshape(-1)]).reshape(*indices.shape, *self.shape[1:]) if indices.size else \
+            np.empty((*indices.shape, *self.shape[1:]), self.dtype)
+
+    def __setitem__(self, key: int | slice, value: Any) -> None:
+        """Write rows ``key`` (an int or a contiguous slice)."""
+        import numpy as np
+
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise TypeError("rows are written by int or contiguous slice")
+        else:
+            start = int(key) + len(self) if key < 0 else int(key)
+            stop = start + 1
+            if not 0 <= start < len(self):
+                raise IndexError(f"index {key} out of range for {len(self)} rows")
+        rows = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=self.dtype), (max(0, stop - start), *self.shape[1:])))
+        os.pwrite(self._fd, rows.tobytes(), self.offset + start * self.row_bytes)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Any:
+        whole = self._rows(0, len(self))
+        return whole if dtype is None else whole.astype(dtype)
+
+    def fill(self, value: Any) -> None:
+        """Set every element to ``value`` (written a few MB at a time)."""
+        step = max(1, (8 << 20) // max(1, self.row_bytes))
+        for start in range(0, len(self), step):
+            self[start : start + step] = value
+
+    def copy(self) -> Any:
+        """The whole array, read into memory."""
+        return self._rows(0, len(self))
+
+    def astype(self, dtype: Any) -> Any:
+        """The whole array read into memory as ``dtype``."""
+        return self._rows(0, len(self)).astype(dtype)
+
+    def flush(self) -> None:
+        """Push written rows to the file system."""
+        if self.writable:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the file (also when the object goes away)."""
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close
+
+    def __getstate__(self) -> dict[str, Any]:  # a loader's worker process opens the file again
+        return {"path": self.path, "writable": self.writable}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["writable"])
+
+
 class Store:
-    """``.npy`` files under a folder, read as memory maps, capped, least recently used evicted first.
+    """``.npy`` files under a folder, read in place (:class:`NpyFile`), capped, least recently used evicted first.
 
     Args:
         root: The cache folder (created).
@@ -94,12 +240,10 @@ class Store:
         return self.root / kind / f"{key}.npy"
 
     def get(self, kind: str, key: str) -> Any:
-        """The memory-mapped array of ``key``, or ``None``; marks it as just used."""
-        import numpy as np
-
+        """The array of ``key`` (an :class:`NpyFile`), or ``None``; marks it as just used."""
         path = self.path(kind, key)
         try:
-            array = np.load(path, mmap_mode="r")
+            array = NpyFile(path)
             os.utime(path)
         except (FileNotFoundError, ValueError, OSError):
             return None
@@ -109,14 +253,12 @@ class Store:
                     extras: Sequence[tuple[str, tuple[int, ...], str]] = ()) -> Any:
         """The array of ``key``, made with ``fill(array)`` when missing; ``None`` if it cannot fit under the cap.
 
-        ``fill`` writes into a memory-mapped temporary file that is renamed into
+        ``fill`` writes into a temporary :class:`NpyFile` that is renamed into
         place once full, so readers never see a partial file. ``extras`` are more
         ``(key, shape, dtype)`` files the same pass can fill for free: those missing that
         fit in the cap's free space (never evicting for them) are made too, and ``fill``
         then gets ``(array, {key: array})``.
         """
-        import numpy as np
-
         array = self.get(kind, key)
         if array is not None and array.shape == tuple(shape):
             self.hits[kind] = self.hits.get(kind, 0) + 1
@@ -135,13 +277,13 @@ class Store:
         files = {k: (self.path(kind, k), self.path(kind, k).with_name(f".{k}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
                  for k in [key, *wanted]}
         try:
-            outs = {k: np.lib.format.open_memmap(files[k][1], mode="w+", dtype=d, shape=sh)
+            outs = {k: NpyFile.create(files[k][1], sh, d)
                     for k, (sh, d) in {key: (tuple(shape), dtype), **wanted}.items()}
             out = outs.pop(key)
             fill(out, outs) if extras else fill(out)  # an extra ``fill`` removes from ``outs`` is not kept
             kept = [key, *outs]
             for array in [out, *outs.values()]:
-                array.flush()
+                array.close()
             del out, outs
             for k in kept:
                 os.replace(files[k][1], files[k][0])
@@ -193,7 +335,7 @@ def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int |
     (default :func:`decode_threads`).
 
     Threads, not processes: Pillow releases the GIL while it decodes and resizes, and the
-    threads write straight into the memory-mapped output.
+    threads write straight into the output file.
     """
     from concurrent.futures import ThreadPoolExecutor
 

@@ -109,7 +109,7 @@ def _scan(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[Spl
         except FileNotFoundError:
             raise UserError(f"--data {folder}: no class subfolders; put each class's images in a folder named after it") from None
     samples = make_dataset(str(folder), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
-    return Split([Path(p) for p, _ in samples], [t for _, t in samples]), class_to_idx
+    return Split([p for p, _ in samples], [t for _, t in samples]), class_to_idx  # str: compact for 100,000s of paths
 
 
 def imagefolder(path: str | None, options: DatasetOptions) -> ImageData:
@@ -193,7 +193,7 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
             raise UserError(f"--data {path}: line {line}: image {cell!r} is outside the CSV's folder (--confine-paths)")
         if not exists or not cell.strip():
             raise UserError(f"--data {path}: line {line}: image {cell!r} does not exist")
-        images.append(image)
+        images.append(str(image))
         raw_targets.append(row[index[target_col]].strip())
         splits.append(row[index[split_col]].strip().lower() if split_col else "")
     if task == "regression":
