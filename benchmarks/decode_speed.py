@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     import numpy as np
 
-    from tlengine._cache import decode_into, decode_threads
+    from tlengine._store import NpyFile, decode_into, decode_threads
     from tlengine._preprocess import Preprocess
 
     crop = Preprocess(224, 256, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -55,7 +55,7 @@ def main() -> None:
         items = photos(Path(tmp), args.images)
         results = {}
         for label, n in (("1 thread", 1), (f"{threads} threads", threads)):
-            out = np.lib.format.open_memmap(Path(tmp) / f"{n}.npy", mode="w+", dtype="uint8", shape=(len(items), 224, 224, 3))
+            out = NpyFile.create(Path(tmp) / f"{n}.npy", (len(items), 224, 224, 3), "uint8")  # as the cache writes
             start = time.perf_counter()
             decode_into(out, items, crop, threads=n)
             results[label] = (time.perf_counter() - start, np.array(out))

@@ -40,7 +40,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tlengine._train import evaluate, loader, resolve_device
+    from tlengine._loaders import loader
+    from tlengine._train import evaluate, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")

@@ -42,7 +42,8 @@ def main() -> None:
 
     import timm
 
-    from tlengine._train import amp_dtype, loader, resolve_device
+    from tlengine._loaders import loader
+    from tlengine._train import amp_dtype, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
