@@ -103,11 +103,14 @@ def run(folder: Path, out: Path, size: int) -> dict:
 
 
 def main() -> None:
+    global FASHION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,60000,480000", help="training images per run (validation: a sixth as many)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--root", type=Path, default=Path("/tmp/tlengine-scale"), help="where the image folders and runs go")
+    parser.add_argument("--fashion", type=Path, default=FASHION, help=f"the Fashion-MNIST IDX files (default: {FASHION})")
     args = parser.parse_args()
+    FASHION = args.fashion
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         raise SystemExit(f"{FASHION} not found: this benchmark needs the full Fashion-MNIST (see ../shared/README.md)")
     sizes = [int(s) for s in args.sizes.split(",")]
