@@ -127,25 +127,31 @@ def main() -> None:
         print(f"  {result['wall']:.0f} s, accuracy {result['best']['score']:.4f}", file=sys.stderr)
 
     names = list(dict.fromkeys(name for r in runs for name in r["stages"]))
-    time_rows = [[f"{r['train']}+{r['val']}", *(r["stages"].get(n, {}).get("seconds", 0.0) for n in names), r["wall_s"],
-                  round(1e3 * sum(r["stages"].get(n, {}).get("seconds", 0.0) for n in PER_IMAGE) / r["images"], 3)] for r in runs]
     mem = lambda r, key: max((s[key] or 0.0) for s in r["stages"].values())  # noqa: E731
-    mem_rows = [[f"{r['train']}+{r['val']}", *(r["stages"].get(n, {}).get("peak_rss_mb") for n in names), mem(r, "peak_rss_mb"),
-                 mem(r, "peak_anon_mb")] for r in runs]
+    per_image = [round(1e3 * sum(r["stages"].get(n, {}).get("seconds", 0.0) for n in PER_IMAGE) / r["images"], 3) for r in runs]
     base, top = runs[min(1, len(runs) - 1)], runs[-1]
     grown = {key: (mem(top, key) - mem(base, key)) * 1024 / max(1, top["images"] - base["images"]) for key in ("peak_rss_mb", "peak_anon_mb")}
-    per_image = [row[-1] for row in time_rows]
     summary = {
         "rss_kb_per_image": round(grown["peak_rss_mb"], 3), "anon_kb_per_image": round(grown["peak_anon_mb"], 3),
         "ms_per_image": per_image, "ms_per_image_spread": round(max(per_image) / min(per_image) - 1, 3),
         "targets": {"kb_per_image_below": 2.0, "ms_per_image_spread_below": 0.2},
     }
-    report("scale", f"Seconds per stage, {args.image_size} px (per image: ms per image of the per-image stages)",
-           ["images", *names, "wall", "ms/image"], time_rows, {"runs": runs, "summary": summary})
-    report("scale_memory", "Peak RSS per stage (MB); last columns: peak RSS and peak anonymous memory of the whole search",
-           ["images", *names, "peak RSS", "peak anon"], mem_rows, {"summary": summary})
+    # one row per stage, two columns (seconds, peak RSS in MB) per size: reads in 80 columns
+    columns = ["stage", *(f"{label(r)} {unit}" for r in runs for unit in ("s", "MB"))]
+    rows = [[name, *(v for r in runs for v in (r["stages"].get(name, {}).get("seconds", ""), r["stages"].get(name, {}).get("peak_rss_mb", "")))]
+            for name in names]
+    rows.append(["whole search", *(v for r in runs for v in (r["wall_s"], mem(r, "peak_rss_mb")))])
+    rows.append(["anonymous peak", *(v for r in runs for v in ("", mem(r, "peak_anon_mb")))])
+    rows.append(["ms/image", *(v for r, ms in zip(runs, per_image) for v in (ms, ""))])
+    report("scale", f"Seconds and peak RSS (MB) per stage, {args.image_size} px, one linear-probe trial of 1 epoch", columns, rows,
+           {"runs": runs, "summary": summary})
     print(json.dumps(summary, indent=2))
     plot(runs, RESULTS / "scale.png")
+
+
+def label(run: dict) -> str:
+    """``70k``: a run's images (train + validation) in thousands."""
+    return f"{round(run['images'] / 1000)}k"
 
 
 def plot(runs: list[dict], path: Path) -> None:

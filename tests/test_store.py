@@ -79,3 +79,45 @@ def test_store_reads_do_not_grow_the_resident_set(tmp_path: Path) -> None:
         total += int(array[start : start + 64][:, 0, 0, 0].sum())
     assert total == 3 * rows
     assert rss_file_kb() - before < 4_000  # a memory map would hold all 24,600 KB
+
+
+def test_thread_map_keeps_order_bounds_pending_calls_and_raises_the_first_error() -> None:
+    import threading
+
+    from tlengine._store import thread_map
+
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def square(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return i * i
+        finally:
+            with lock:
+                running -= 1
+
+    results = thread_map(square, 5000, threads=4, window=16)
+    assert list(results) == [i * i for i in range(5000)]
+    assert most <= 4
+
+    submitted = []
+
+    def slow(i: int) -> int:
+        submitted.append(i)
+        return i
+
+    lazy = thread_map(slow, 10_000, threads=2, window=8)
+    assert next(lazy) == 0 and len(submitted) <= 16  # not every call submitted at once
+    list(lazy)
+
+    def fails(i: int) -> int:
+        if i == 7:
+            raise ValueError("image 7")
+        return i
+
+    with pytest.raises(ValueError, match="image 7"):
+        list(thread_map(fails, 100, threads=3))

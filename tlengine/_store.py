@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,30 @@ def decode_threads() -> int:
     return max(1, min(16, cpus))
 
 
+def thread_map(fn: Callable[[int], Any], n: int, threads: int, window: int = 256) -> Iterator[Any]:
+    """``fn(i)`` for ``i`` in ``range(n)`` on ``threads`` threads, in order, with at most ``window`` calls pending.
+
+    ``ThreadPoolExecutor.map`` submits every call at once, which for a few hundred
+    thousand images holds as many futures (about 1.5 KB each); this keeps a window.
+    The first error is raised when its result is reached.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads <= 1 or n < 2:
+        for i in range(n):
+            yield fn(i)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="tlengine") as pool:
+        pending: deque = deque()
+        for i in range(n):
+            pending.append(pool.submit(fn, i))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int | None = None) -> None:
     """Decode, resize and crop every item into ``out[i]`` (uint8 ``(N, H, W, 3)``), on ``threads`` threads
     (default :func:`decode_threads`).
@@ -337,19 +361,11 @@ def decode_into(out: Any, items: Sequence[Any], crop: Preprocess, threads: int |
     Threads, not processes: Pillow releases the GIL while it decodes and resizes, and the
     threads write straight into the output file.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(i: int) -> None:
         out[i] = crop.pixels(items[i])  # pixels() loads the item (tlengine._preprocess.load_image)
 
-    threads = decode_threads() if threads is None else threads
-    if threads <= 1 or len(items) < 2:
-        for i in range(len(items)):
-            one(i)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="tlengine-decode") as pool:
-        for _ in pool.map(one, range(len(items))):  # re-raises the first error
-            pass
+    for _ in thread_map(one, len(items), decode_threads() if threads is None else threads):  # re-raises the first error
+        pass
 
 
 def _nbytes(shape: Sequence[int], dtype: str) -> int:
