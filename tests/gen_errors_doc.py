@@ -2,8 +2,8 @@
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import test_errors as t
-COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "its own image size", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)")
-sections = [("Data", 0, 17), ("Images", 17, 18), ("Names and options", 18, 41), ("Storage and studies", 41, 47), ("Weights and models", 47, 52), ("Environment", 52, 54)]
+COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "its own image size", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)", "raise --max-bad-images", "label/class/target/value/y)", "its header is image, label")
+sections = [("Data", 0, 18), ("Images", 18, 19), ("Names and options", 19, 42), ("Storage and studies", 42, 48), ("Weights and models", 48, 53), ("Environment", 53, 55)]
 out = ["# Errors", "",
 "Every user mistake ends in one line on stderr that names the file or option and says what",
 "to do, with exit code 2 and no traceback (`tlengine --debug ...` shows it). Broken images",
@@ -17,7 +17,7 @@ for title, a, b in sections:
         more = "" if msg.endswith(COMPLETE_ENDINGS) else " ..."
         out.append(f"| {case.mistake} | `{msg}`{more} |")
     if title == "Images":
-        out.append("| a few unreadable images (empty, truncated, not images) | `warning: skipped 3 unreadable image(s) of 29: DIR/train/class1/empty.png (UnidentifiedImageError` ... (the run goes on without them) |")
+        out.append("| a few unreadable images (empty, truncated, not images) | `warning: skipped 3 image(s) of 29 (3 unreadable): DIR/train/class1/empty.png (UnidentifiedImageError` ... (the run goes on without them; a CSV row whose file is missing counts here too, as `missing`) |")
         out.append("| unusual modes: palette with transparency, CMYK, 16-bit, RGBA, greyscale; upper-case extensions; unicode names | no message: read as RGB, transparency over white, 16 bits scaled to 8 (`tests/test_images.py`) |")
     if title == "Storage and studies":
         out.append("| an existing study made with other options (objective, data, task) | `error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name` |")

@@ -259,8 +259,9 @@ def search(folder: Path, out: Path, cache_dir: Path, *extra: str) -> dict[str, A
 def test_search_cached_equals_uncached(depth: int, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A trial gives the same result with and without caches, augmentation on: the same images in the same
     order with the same augmentation, on fp16 features (frozen stages) or decoded pixels (identical)."""
+    # trained by epochs (probe=sgd: the exact probe has its own test) with flips on (no flip check): the augmented path
     fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--param", "layer_decay=1.0",
-             "--param", "randaugment=9"]
+             "--param", "randaugment=9", "--param", "probe=sgd", "--param", "hflip=0.5"]
     cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
     features = 3 if depth else 0  # validation, and one augmented view per epoch
     err = capsys.readouterr().err
@@ -311,7 +312,7 @@ def test_one_pass_stores_features_for_fewer_frozen_stages(tiny_folder: Path, tmp
 
 def test_fewer_views_reuse_them_in_turn(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``--cache-views 1`` computes one augmented view and trains every epoch on it."""
-    fixed = ["--param", "freeze_depth=6", "--param", "lr=0.01", "--epochs", "3"]
+    fixed = ["--param", "freeze_depth=6", "--param", "lr=0.01", "--epochs", "3", "--param", "probe=sgd", "--param", "hflip=0.5"]  # views: SGD
     one = search(tiny_folder, tmp_path / "a", tmp_path / "cache", "--cache-views", "1", *fixed)
     assert "features 0 hits, 2 computed" in capsys.readouterr().err
     every = search(tiny_folder, tmp_path / "b", tmp_path / "cache", *fixed)
@@ -351,7 +352,8 @@ def test_early_epochs_at_a_lower_resolution(depth: int, tiny_folder: Path, tmp_p
     views its epochs use) or not, with the same result."""
     import optuna
 
-    fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--early-size", "16"]
+    fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--param", "probe=sgd",
+             "--param", "hflip=0.5", "--early-size", "16"]
     cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
     err = capsys.readouterr().err
     # per size: validation and the view of its one epoch

@@ -67,7 +67,8 @@ def test_unknown_names_suggest(option: str, value: str, expected: str, tiny_fold
 def test_csv_without_expected_columns(tmp_path: Path) -> None:
     csv = tmp_path / "d.csv"
     csv.write_text("picture,kind\na.png,cat\n")
-    assert_one_line_error(run_cli("search", "--data", str(csv)), str(csv), "expected a header", "picture, kind")
+    assert_one_line_error(run_cli("search", "--data", str(csv)), str(csv), "cannot tell which columns", "picture, kind", "--image-column",
+                          "--target-column")
 
 
 @pytest.mark.parametrize("option", ["--trials", "--epochs", "--batch-size"])
@@ -103,3 +104,30 @@ def test_hub_weights_unreachable(tiny_folder: Path) -> None:
     result = run_cli("search", "--data", str(tiny_folder), "--backbone", "resnet10t", "--weights", "hub",
                      env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(result, "--weights hub", "could not download pretrained weights for resnet10t", "--weights FILE")
+
+
+def test_results_table_reads_in_80_columns(tiny_run: Path) -> None:
+    """Every recipe, state and value of the demo's space fits: no cell cut short with an ellipsis, no line over 80."""
+    import dataclasses
+
+    import optuna
+    from rich.console import Console
+
+    from tlengine._cli import results_table
+    from tlengine._record import read_record
+    from tlengine._search import SearchResult
+    from tlengine._study import trial_rows
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_run / 'study.db'}")
+    rows = trial_rows(study)
+    searched = ("freeze_depth", "lr", "layer_decay", "label_smoothing")  # the demo's space
+    params = {"freeze_depth": 6, "lr": 1.234e-5, "layer_decay": 0.8125, "label_smoothing": 0.0625}
+    rows += [dataclasses.replace(rows[0], number=17, recipe="head first, then unfreeze", state="pruned", params=params, score=0.912345,
+                                 seconds=1234.5, epochs=12),
+             dataclasses.replace(rows[0], number=118, recipe=None, state="running", params=params, score=None, seconds=None)]
+    result = SearchResult("demo-tf_efficientnet_lite0", "sqlite:///x", tiny_run, read_record(study), tuple(rows), rows[0], searched)
+    console = Console(width=80, record=True, color_system=None)
+    console.print(results_table(result))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+    assert "1.2e-05" in text and "head→FT" in text and "probe" in text and "0.9123" in text and "1234" in text and "118" in text

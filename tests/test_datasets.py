@@ -103,7 +103,34 @@ def test_csv_regression_text_target(tmp_path: Path, tiny_folder: Path) -> None:
         csv_dataset(str(tmp_path / "r.csv"), DatasetOptions(task="regression"))
 
 
-def test_csv_missing_image(tmp_path: Path) -> None:
-    (tmp_path / "d.csv").write_text("image,label\nnope.png,a\n")
-    with pytest.raises(UserError, match="line 2: image 'nope.png' does not exist"):
-        csv_dataset(str(tmp_path / "d.csv"), DatasetOptions())
+def test_csv_missing_images_are_counted_with_the_unreadable_ones(tmp_path: Path, tiny_folder: Path) -> None:
+    """A row whose file is missing is listed, then left out and counted in the same line as a broken file."""
+    from tlengine._data import drop_unreadable
+
+    images = sorted(tiny_folder.rglob("*.png"))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [f"{p},{p.parent.name}" for p in images] + [f"gone.png,{images[0].parent.name}", f"broken.png,{images[-1].parent.name}"]
+    (tmp_path / "d.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    data = csv_dataset(str(tmp_path / "d.csv"), DatasetOptions())
+    assert len(data.train) + len(data.val) == len(images) + 2  # listed: the dataset does not decode
+    said: list[str] = []
+    kept = drop_unreadable(data, 2, said.append)
+    assert len(kept.train) + len(kept.val) == len(images)
+    assert len(said) == 1 and said[0].startswith(f"warning: skipped 2 image(s) of {len(images) + 2} (1 missing, 1 unreadable): ")
+    assert f"{tmp_path / 'gone.png'} (missing)" in said[0] and "broken.png (UnidentifiedImageError" in said[0]
+    with pytest.raises(UserError, match=r"--max-bad-images 1: 2 of \d+ images cannot be used \(1 missing, 1 unreadable\)"):
+        drop_unreadable(data, 1, said.append)
+
+
+def test_csv_columns_named_by_flags_or_the_only_other_column(tmp_path: Path, tiny_folder: Path) -> None:
+    images = sorted(tiny_folder.rglob("*.png"))[:12]
+    (tmp_path / "angles.csv").write_text("image,angle\n" + "".join(f"{p},{i * 7.5}\n" for i, p in enumerate(images)))
+    data = csv_dataset(str(tmp_path / "angles.csv"), DatasetOptions(task="regression"))
+    assert sorted([*data.train.targets, *data.val.targets]) == [i * 7.5 for i in range(12)]
+    (tmp_path / "many.csv").write_text("id,picture,angle,weight\n" + "".join(f"{i},{p},{i * 7.5},{i}\n" for i, p in enumerate(images)))
+    with pytest.raises(UserError, match="--image-column and --target-column"):
+        csv_dataset(str(tmp_path / "many.csv"), DatasetOptions(task="regression"))
+    data = csv_dataset(str(tmp_path / "many.csv"), DatasetOptions(task="regression", image_column="picture", target_column="Angle"))
+    assert sorted([*data.train.targets, *data.val.targets]) == [i * 7.5 for i in range(12)]
+    with pytest.raises(UserError, match="--image-column pic: .* has no such column; its header is id, picture, angle, weight"):
+        csv_dataset(str(tmp_path / "many.csv"), DatasetOptions(image_column="pic"))

@@ -131,7 +131,8 @@ CASES = [
     Case("CSV missing", lambda t: search("--data", f"{t}/none.csv"), "error: --data {tmp}/none.csv: no such file"),
     Case("CSV empty", lambda t: search("--data", str(csv_file(t, ""))), "error: --data {tmp}/d.csv: the CSV is empty"),
     Case("CSV without the expected columns", lambda t: search("--data", str(csv_file(t, "picture,kind\n0.png,a\n"))),
-         "error: --data {tmp}/d.csv: expected a header with an image column (image, path, file, filename, filepath) and a label column (label, class, target, value, y); found picture, kind"),
+         "error: --data {tmp}/d.csv: cannot tell which columns hold the images and the targets (header: picture, kind); name them with "
+         "--image-column and --target-column (found by name: image/path/file/filename/filepath and label/class/target/value/y)"),
     Case("CSV with a header and no rows", lambda t: search("--data", str(csv_file(t, "image,label\n"))),
          "error: --data {tmp}/d.csv: the CSV has a header but no rows"),
     Case("CSV row shorter than its header", lambda t: search("--data", str(csv_file(t, "image,label\n0.png\n"))),
@@ -140,8 +141,11 @@ CASES = [
          "error: --data {tmp}/d.csv: column 'label' holds 40 different numbers, which looks like a regression target; pass --task regression (or use text labels)"),
     Case("text targets for regression", lambda t: search("--data", str(csv_file(t, "image,target\n0.png,1.5\n1.png,tall\n")), "--task", "regression"),
          "error: --data {tmp}/d.csv: target 'tall' is not a number; regression needs numeric targets"),
-    Case("image path that does not exist", lambda t: search("--data", str(csv_file(t, "image,label\nnope.png,a\n"))),
-         "error: --data {tmp}/d.csv: line 2: image 'nope.png' does not exist"),
+    Case("CSV rows whose images are missing, more than `--max-bad-images`",
+         lambda t: search("--data", str(csv_file(t, "image,label\nnope.png,a\nnope2.png,a\nnope3.png,b\nnope4.png,b\n"))),
+         "error: --max-bad-images 0.01: 4 of 4 images cannot be used (4 missing), e.g. {tmp}/nope"),
+    Case("`--target-column` not in the CSV", lambda t: search("--data", str(csv_file(t, "image,label\n0.png,a\n")), "--target-column", "angle"),
+         "error: --target-column angle: {tmp}/d.csv has no such column; its header is image, label"),
     Case("image path outside the CSV's folder, with `--confine-paths`",
          lambda t: (t / "sub").mkdir() or search("--data", str(csv_file(t / "sub", "image,label\n../x.png,a\n")), "--confine-paths"),
          "error: --data {tmp}/sub/d.csv: line 2: image '../x.png' is outside the CSV's folder (--confine-paths)"),
@@ -150,7 +154,7 @@ CASES = [
     # images
     Case("more unreadable images than `--max-bad-images`",
          lambda t: one_bad_image(t) and search("--data", f"{t}/b", "--max-bad-images", "0", *TINY),
-         "error: --max-bad-images 0: 1 of 13 images cannot be read, e.g. {tmp}/b/train/t-shirt/bad.png (UnidentifiedImageError"),
+         "error: --max-bad-images 0: 1 of 13 images cannot be used (1 unreadable), e.g. {tmp}/b/train/t-shirt/bad.png (UnidentifiedImageError"),
     # names and options
     Case("unknown backbone", lambda t: search("--backbone", "resnet19"), "error: --backbone: unknown backbone 'resnet19' (did you mean 'resnet18'"),
     Case("unknown architecture of a backbone", lambda t: search("--backbone", "timm:resnet19"),
@@ -283,7 +287,7 @@ def test_docs_rows_are_cases() -> None:
 
 #: Messages in docs/errors.md tested elsewhere (the file that tests each one).
 OTHER_TESTED = {
-    "warning: skipped 3 unreadable image(s) of 29: DIR/train/class1/empty.png (UnidentifiedImageError": "test_images.py",
+    "warning: skipped 3 image(s) of 29 (3 unreadable): DIR/train/class1/empty.png (UnidentifiedImageError": "test_images.py",
     "warning: plugin 'tlengine_broken' from package 'tlengine-broken' failed to load and is skipped: ImportError: needs libfoo": "test_plugins.py",
     "error: plugins 'heads' and 'clash-plugin' both register the head 'linear'; uninstall one of them or leave one out with TLENGINE_PLUGINS": "test_plugins.py",
     "error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name": "test_search.py",

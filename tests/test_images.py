@@ -92,7 +92,7 @@ def test_bad_images_skipped_with_one_warning(messy_folder: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
-    assert "skipped 3 unreadable image(s) of 29" in warnings[0]
+    assert "skipped 3 image(s) of 29 (3 unreadable)" in warnings[0]
     assert "empty.png" in warnings[0] or "notes.jpg" in warnings[0]
     assert json.loads(result.stdout)["best"] is not None
 
@@ -101,4 +101,4 @@ def test_too_many_bad_images_is_an_error(messy_folder: Path, tmp_path: Path) -> 
     result = run_cli("search", "--data", str(messy_folder), *ARGS, "--max-bad-images", "0.05", "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --max-bad-images 0.05: 3 of 29 images cannot be read")
+    assert len(lines) == 1 and lines[0].startswith("error: --max-bad-images 0.05: 3 of 29 images cannot be used (3 unreadable)")

@@ -263,14 +263,18 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_it(tiny_folder: Path, t
     assert not any((tmp_path / "k" / "trials").glob("*.last.safetensors"))  # epoch checkpoints go once a trial is done
 
 
-def test_ctrl_c_saves_prints_the_resume_command_and_exits_130(tiny_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code", "said"), [(signal.SIGINT, 130, "stopping: saving"), (signal.SIGTERM, 143, "stopping (SIGTERM): saving")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_prints_the_resume_command_and_exits_128_plus_the_signal(
+        tiny_folder: Path, tmp_path: Path, signum: int, code: int, said: str) -> None:
+    """SIGTERM (a scheduler's or spot instance's warning) is a first Ctrl-C: checkpoint, keep for resumption, exit 143."""
     args, command = _search(tiny_folder, tmp_path, sleep=0.1)
     process = _start(command)
     _wait_for_epoch(process, tmp_path / "k" / "trials" / "1.last.safetensors", 1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "saving trial 1's checkpoint first" in err
+    assert process.returncode == code, err
+    assert f"{said} trial 1's checkpoint first" in err
     assert "interrupted: trial 1's checkpoint saved; finished trials are kept. Resume with:" in err
     resume = err.strip().splitlines()[-1].strip()
     assert resume.startswith("tlengine search --data") and resume.endswith("--study-name k")

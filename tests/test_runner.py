@@ -35,8 +35,8 @@ def source_for(setup: Any, cache: bool, cache_dir: Path) -> Any:
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "plain"])
 def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path) -> None:
-    """One call per trial: the linear probe, then full fine-tuning; each leaves a checkpoint, its values and history,
-    and the same trial gives the same score whether the caches serve it or not (the runner never asks)."""
+    """One call per trial: the linear probe (solved exactly, one result), then full fine-tuning (its epochs); each leaves
+    a checkpoint, its values and history, and the caches serve the probe when they are on (the runner never asks)."""
     from rich.console import Console
 
     from tlengine._runner import TrialRunner
@@ -49,9 +49,10 @@ def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and runner.running == 1
     assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["head first, then unfreeze"]
     assert [t.user_attrs["values"]["freeze_depth"] for t in trials] == [setup.record.stages, 0]
-    for t in trials:
-        assert Path(t.user_attrs["checkpoint"]).is_file() and not Path(t.user_attrs["epoch_checkpoint"]).exists()
-        assert len(t.user_attrs["history"]) == 2 and t.value == t.user_attrs["history"][-1]["score"]
+    for t, epochs in zip(trials, (1, 2)):
+        assert Path(t.user_attrs["checkpoint"]).is_file() and not Path(t.user_attrs.get("epoch_checkpoint", "none")).exists()
+        assert len(t.user_attrs["history"]) == epochs and t.value == t.user_attrs["history"][-1]["score"]
+    assert trials[0].user_attrs["probe"]["features"] == ("cached" if cache else "computed") and "probe" not in trials[1].user_attrs
     assert (source.caches is not None and source.caches.trials_on_features == 1) == cache
 
 

@@ -141,3 +141,21 @@ def test_backbone_with_a_head_convolution(tmp_path: Path, tiny_folder: Path) -> 
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["complete"]
     assert summary["parity"]["max_abs_diff"] < 1e-4 and (tmp_path / "m" / "best.onnx").is_file()
+
+
+def test_timeout_ends_the_running_trial_at_its_next_epoch_end(tmp_path: Path, tiny_folder: Path) -> None:
+    """--timeout bounds the whole search: the trial running at the deadline stops after its epoch, pruned with
+    its last score and the reason, and no trial starts after it."""
+    import optuna
+
+    import tlengine
+
+    result = tlengine.search(tiny_folder, TINY_BACKBONE, trials=5, epochs=400, weights="none", image_size=16, out=tmp_path,
+                             study_name="t", pruner="none", timeout=3, cache=False, quiet=True)
+    study = optuna.load_study(study_name="t", storage=result.storage)
+    stopped = [t for t in study.trials if str(t.user_attrs.get("prune_reason", "")).startswith("stopped at the --timeout deadline")]
+    assert len(stopped) == 1 and stopped[0].state.name == "PRUNED"
+    assert all(t.state.name == "WAITING" for t in study.trials[stopped[0].number + 1:])  # nothing started after it
+    assert 1 <= len(stopped[0].intermediate_values) < 400
+    row = next(r for r in result.rows if r.number == stopped[0].number)
+    assert row.state == "pruned" and row.score == stopped[0].intermediate_values[max(stopped[0].intermediate_values)]

@@ -52,6 +52,8 @@ def search(
     devices: str | Sequence[str] | None = None,
     max_bad_images: float = 0.01,
     confine_paths: bool = False,
+    image_column: str | None = None,
+    target_column: str | None = None,
     cache: bool = True,
     cache_dir: str | Path | None = None,
     cache_size_gb: float = 4.0,
@@ -64,6 +66,8 @@ def search(
 
     The same as ``tlengine search``: it writes ``OUT/STUDY/`` (``best.onnx``, ``best.safetensors``,
     ``summary.json``, ``report.html``, the study), and running it again resumes the study.
+    (Long only in its signature and this docstring, one keyword per command-line option;
+    the body is four lines.)
 
     Args:
         data: Image folder (``train/`` and ``val/``, or class folders) or CSV file; ``None``: the bundled demo.
@@ -79,7 +83,8 @@ def search(
             "layer_decay": {"low": 0.6, "high": 1.0}}``, or ``["lr=3e-4", ...]`` as ``--param`` takes them.
         head: Head plugin (short for ``param={"head": NAME}``).
         optimizer: Optimizer plugin (short for ``param={"optimizer": NAME}``).
-        timeout: Stop starting new trials after this many seconds.
+        timeout: End the search after this many seconds: no trial starts after it, the running one stops at its
+            next epoch end (pruned, with its last score), then the best trial is exported.
         image_size: Input side in pixels (default: the dataset's suggestion, else the backbone's).
         batch_size: Short for ``param={"batch_size": N}``.
         weight_decay: Short for ``param={"weight_decay": X}``.
@@ -97,6 +102,8 @@ def search(
         devices: CUDA devices, one worker each (``"0,1"`` or ``["0", "1"]``).
         max_bad_images: Unreadable images tolerated: a fraction below 1, or a count.
         confine_paths: Refuse CSV image paths outside the CSV's folder.
+        image_column: The CSV column of image paths (default: found by name).
+        target_column: The CSV column of labels or numeric targets (default: found by name, or the only other column).
         cache: Decode images once and cache frozen-prefix features (``False``: ``--no-cache``).
         cache_dir: Cache folder (default ``$TLENGINE_CACHE``, else ``~/.cache/tlengine``).
         cache_size_gb: Cap on the cache folder.

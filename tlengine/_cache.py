@@ -302,6 +302,21 @@ class SearchCaches:
                                    augment_seed=augment_seed, pixels=train_pixels)
         return Prepared(model, train, self._val_images[preprocess], False)
 
+    def probe_features(self, preprocess: Preprocess, count: bool = True) -> tuple[Any, Any] | None:
+        """Pooled features after every stage of the training and validation images at the evaluation crop
+        (an exact linear probe's inputs), or ``None`` when the backbone cannot be split there or they do not fit."""
+        depth = self.splitter.n_stages
+        split = self.splitter.split(depth, preprocess.input_size)
+        if split is None or len(split.feature_shape) != 1:
+            return None
+        self.trials += count
+        val = self.features(split, "val", preprocess, None, (0, 0.0))
+        train = self.features(split, "train", preprocess, None, (0, 0.0)) if val is not None else None
+        if train is None:
+            return None
+        self.trials_on_features += count
+        return train, val
+
     def summary(self) -> str:
         """One line: hits and misses, trials on cached features, the folder and its size."""
         hits, misses = self.store.hits, self.store.misses

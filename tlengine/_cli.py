@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", help="head plugin; short for --param head=NAME (default: linear)")
     s.add_argument("--optimizer", help="optimizer plugin; short for --param optimizer=NAME (default: adamw)")
     s.add_argument("--trials", type=_positive_int, help="total trials in the study (default: the dataset's suggestion, else 20)")
-    s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--timeout", type=float, help="end the search after this many seconds: no trial starts after it, the running one "
+                   "stops at its next epoch end (kept as pruned, with its last score), then the best trial is exported")
     s.add_argument("--epochs", type=_positive_int, help="epochs per trial (default: the dataset's suggestion, else 5)")
     s.add_argument("--image-size", type=_positive_int, help="input side in pixels (default: the dataset's suggestion, else the backbone's)")
     s.add_argument("--batch-size", type=_positive_int, help="short for --param batch_size=N (default: 32)")
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bad-images", type=float, default=0.01,
                    help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
     s.add_argument("--confine-paths", action="store_true", help="refuse CSV image paths outside the CSV's folder")
+    s.add_argument("--image-column", help="the CSV column of image paths (default: image, path, file, filename or filepath)")
+    s.add_argument("--target-column", help="the CSV column of labels or numeric targets (default: label, class, target, value, y, "
+                   "or the only other column)")
     s.add_argument("--no-cache", dest="cache", action="store_false",
                    help="decode images and run frozen layers anew in every trial (default: cached, see docs/caches.md)")
     s.add_argument("--cache-dir", help="cache folder (default: $TLENGINE_CACHE, else ~/.cache/tlengine)")
@@ -167,7 +171,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.worker is None:
             console.print(f"\ninterrupted: {exc}; finished trials are kept. Resume with:\n  {_resume_command(args.argv)}",
                           markup=False, highlight=False, soft_wrap=True)
-        return 130
+        return exc.exit_code
     finally:
         _warn_failures(failures)
     if args.worker is not None:
@@ -186,36 +190,62 @@ def _resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["tlengine", *argv])
 
 
-def _print_results(result: SearchResult) -> None:
-    from rich.console import Console
+#: Short column names of the results table, so that it reads in 80 columns.
+SHORT_NAMES = {"layer_decay": "l.decay", "label_smoothing": "smooth", "weight_decay": "wd", "batch_size": "batch", "image_size": "size",
+               "head_epochs": "head ep", "optimizer": "opt", "randaugment": "randaug", "drop_path": "drop", "accuracy": "acc",
+               "balanced_accuracy": "bal.acc", "macro_f1": "f1", "latency": "ms", "params": "M par."}
+#: Short names of the enqueued recipes.
+SHORT_RECIPES = {"linear probe": "probe", "full fine-tune": "full FT", "head first, then unfreeze": "head→FT"}
+
+
+def _cell(value: Any) -> str:
+    """A parameter value in at most 7 characters: floats below 0.01 as ``1.0e-03``."""
+    from tlengine._report import format_value
+
+    if isinstance(value, float) and value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3):
+        return f"{value:.1e}"
+    return format_value(value)
+
+
+def results_table(result: SearchResult) -> Any:
+    """The trials as a ``rich`` table that reads in 80 columns for the demo's space (short headers, no borders)."""
+    from rich import box
     from rich.table import Table
 
-    from tlengine._report import format_value as _format_value
-
-    out = Console()
-    table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})")
+    table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True, show_edge=False)
     params = [p for p in result.searched if p != "freeze_depth"]
     cost = result.objectives[1:] if result.objectives else ()
-    for column in ("trial", "recipe", "state", "freeze depth", *params, result.metric, *cost, "epochs", "seconds"):
-        table.add_column(column.replace("_", " "), justify="left" if column in ("recipe", "state") else "right")
+    for column in ("#", "recipe", "state", "depth", *params, result.metric, *cost, "ep", "s"):
+        table.add_column(SHORT_NAMES.get(column, column.replace("_", " ")), justify="left" if column in ("recipe", "state") else "right",
+                         no_wrap=True)
     stages = result.record.stages
     for row in result.rows:
         best = result.best is not None and row.number == result.best.number
         front = row.number in result.pareto
         depth = row.params.get("freeze_depth")
         table.add_row(
-            f"{'★ ' if best else '◆ ' if front else ''}{row.number}",
-            row.recipe or "",
-            row.state,
+            f"{'★' if best else '◆' if front else ''}{row.number}",
+            SHORT_RECIPES.get(row.recipe or "", row.recipe or ""),
+            "done" if row.state == "complete" else row.state,
             f"{depth}/{stages}" if depth is not None else "",
-            *(_format_value(row.params.get(p)) for p in params),
+            *(_cell(row.params.get(p)) for p in params),
             f"{row.score:.4f}" if row.score is not None else "",
             *([f"{row.cost:.3g}" if row.cost is not None else ""] if cost else []),
             str(row.epochs),
-            f"{row.seconds:.1f}" if row.seconds is not None else "",
+            f"{row.seconds:.0f}" if row.seconds is not None else "",
             style="bold green" if best else None,
         )
-    out.print(table)
+    return table
+
+
+def _print_results(result: SearchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    params = [p for p in result.searched if p != "freeze_depth"]
+    out.print(results_table(result))
     if result.best is None:
         out.print("no trial completed, so nothing was exported")
         return
@@ -226,7 +256,7 @@ def _print_results(result: SearchResult) -> None:
             pareto.add_column(column.replace("_", " "), justify="right")
         for row in sorted(front, key=lambda r: r.cost):
             pareto.add_row(str(row.number), f"{row.score:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
-                           *(_format_value(row.params.get(p)) for p in params))
+                           *(_cell(row.params.get(p)) for p in params))
         out.print(pareto)
     out.print(f"best: trial {result.best.number}, {result.metric} {result.best.score:.4f}")
     if result.onnx_path is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,8 @@ def _readable(item: Any) -> str | None:
         return None
     from PIL import Image
 
+    if not os.path.isfile(item):
+        return "missing"
     try:
         with Image.open(item) as image:
             image.draft("RGB", (64, 64))
@@ -89,13 +92,15 @@ def drop_unreadable(data: ImageData, max_bad: float, warn: Any) -> ImageData:
         UserError: More images are unreadable than ``max_bad`` allows.
     """
     import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
+
+    from tlengine._store import thread_map
 
     bad: list[tuple[Any, str]] = []
 
     def keep(split: Any) -> Any:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            errors = list(pool.map(_readable, split.images, chunksize=64))
+        errors = list(thread_map(lambda i: _readable(split.images[i]), len(split.images), 4))
+        if not any(errors):
+            return split
         bad.extend((item, error) for item, error in zip(split.images, errors) if error)
         kept = [i for i, error in enumerate(errors) if error is None]
         return type(split)([split.images[i] for i in kept], [split.targets[i] for i in kept])
@@ -105,10 +110,14 @@ def drop_unreadable(data: ImageData, max_bad: float, warn: Any) -> ImageData:
     if not bad:
         return data
     limit = max_bad if max_bad >= 1 else max_bad * total
+    missing = sum(error == "missing" for _, error in bad)
+    what = ", ".join(part for part in (f"{missing} missing" if missing else "", f"{len(bad) - missing} unreadable" if len(bad) > missing else "")
+                     if part)
     first = "; ".join(f"{item} ({error})" for item, error in bad[:3])
     if len(bad) > limit:
-        raise UserError(f"--max-bad-images {max_bad:g}: {len(bad)} of {total} images cannot be read, e.g. {first}")
-    warn(f"warning: skipped {len(bad)} unreadable image(s) of {total}: {first}")
+        raise UserError(f"--max-bad-images {max_bad:g}: {len(bad)} of {total} images cannot be used ({what}), e.g. {first}; "
+                        "fix or remove them, or raise --max-bad-images")
+    warn(f"warning: skipped {len(bad)} image(s) of {total} ({what}): {first}")
     return dataclasses.replace(data, train=train, val=val)
 
 
@@ -137,5 +146,5 @@ def study_data(registry: Registry, record: StudyRecord, warn: Callable[[str], No
     """
     if record.dataset not in registry.datasets:
         raise UserError(f"the study's dataset plugin {record.dataset!r} is not installed")
-    options = DatasetOptions(record.task, record.val_fraction, record.seed, record.confine_paths)
+    options = DatasetOptions(record.task, record.val_fraction, record.seed, record.confine_paths, record.image_column, record.target_column)
     return drop_unreadable(registry.datasets[record.dataset].factory(record.data, options), math.inf, warn)

@@ -12,7 +12,7 @@ the first epochs at a lower resolution. The caches never change what a trial tra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,25 @@ class TrialInputs:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ProbeFeatures:
+    """What an exact linear probe solves on: pooled features after every stage, at the evaluation crop.
+
+    Attributes:
+        train: Training images' features ``(N, D)`` (a cache file, or a tensor computed for this trial).
+        train_targets: Their targets (class indices, or regression targets in their own units).
+        val: Validation images' features ``(M, D)``.
+        val_targets: Their targets.
+        source: ``"cached"`` or ``"computed"``.
+    """
+
+    train: Any
+    train_targets: torch.Tensor
+    val: Any
+    val_targets: torch.Tensor
+    source: str
+
+
 class InputSource:
     """The inputs of every trial of one search.
 
@@ -112,6 +131,46 @@ class InputSource:
         train = PhasedLoader([(self.early_epochs, first.train_loader), (request.epochs, main.train_loader)])
         val = PhasedLoader([(self.early_epochs, first.val_loader), (request.epochs, main.val_loader)])
         return TrialInputs(main.model, train, val, main.features, early={"image_size": early, "epochs": self.early_epochs})
+
+    def probe_features(self, backbone: torch.nn.Module, image_size: int, *, count: bool = True) -> ProbeFeatures:
+        """The pooled features of every training and validation image after all of ``backbone``'s stages
+        (frozen, at the evaluation crop, no augmentation), for an exact linear probe: from the cache when
+        it holds them or can, else computed here, a batch at a time. ``count``: ``False`` for a use that is
+        not a trial's (left out of the caches' summary)."""
+        from tlengine._loaders import target_tensor
+
+        preprocess = self.preprocess(image_size)
+        train_y, val_y = target_tensor(self.data.train.targets, self.data.task), target_tensor(self.data.val.targets, self.data.task)
+        cached = self.caches.probe_features(preprocess, count=count) if self.caches is not None else None
+        if cached is not None:
+            return ProbeFeatures(cached[0], train_y, cached[1], val_y, "cached")
+        return ProbeFeatures(self._pooled(backbone, self.data.train, preprocess), train_y, self.val_features(backbone, image_size), val_y,
+                             "computed")
+
+    def val_features(self, backbone: torch.nn.Module, image_size: int, *, flip: bool = False) -> torch.Tensor:
+        """Pooled features of the validation images at the evaluation crop, mirrored left to right when ``flip``."""
+        return self._pooled(backbone, self.data.val, self.preprocess(image_size), flip)
+
+    def train_features(self, backbone: torch.nn.Module, image_size: int, indices: Sequence[int], *, flip: bool = False) -> torch.Tensor:
+        """Pooled features of the training images at ``indices`` (evaluation crop), mirrored when ``flip``."""
+        from tlengine._records import Split
+
+        train = self.data.train
+        subset = Split([train.images[i] for i in indices], [train.targets[i] for i in indices])
+        return self._pooled(backbone, subset, self.preprocess(image_size), flip)
+
+    def _pooled(self, backbone: torch.nn.Module, split: Any, preprocess: Preprocess, flip: bool = False) -> torch.Tensor:
+        import torch
+
+        backbone.eval().to(self.device)
+        batches = []
+        try:
+            with torch.inference_mode():
+                for x, _ in eval_loader(split, self.data.task, preprocess, self.device):
+                    batches.append(backbone(x.flip(-1) if flip else x).float().cpu())  # the centre crop is symmetric
+        finally:
+            backbone.cpu()
+        return torch.cat(batches)
 
     def summary(self) -> str | None:
         """One line on what the caches did, or ``None`` when they are off or served no trial."""

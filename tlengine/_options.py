@@ -59,6 +59,8 @@ class SearchConfig:
     storage: str | None = None
     max_bad_images: float = 0.01
     confine_paths: bool = False
+    image_column: str | None = None
+    target_column: str | None = None
     cache: bool = True
     cache_dir: str | None = None
     cache_size_gb: float = 4.0

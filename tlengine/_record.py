@@ -47,6 +47,9 @@ class StudyRecord:
         space: Every dimension of the search space, as :meth:`Dimension.to_dict` gives it.
         early: ``{"image_size", "epochs"}`` of ``--early-size``, or ``None``.
         confine_paths: ``--confine-paths`` (reloading the data honours it).
+        image_column: ``--image-column`` (reloading the data reads the same column).
+        target_column: ``--target-column``.
+        flips: What the flip check measured and decided (:class:`tlengine._augment.FlipCheck`), or ``None``.
         max_bad_images: ``--max-bad-images`` (reloading the data drops unreadable images as the search did).
     """
 
@@ -71,10 +74,13 @@ class StudyRecord:
     early: Mapping[str, int] | None = None
     confine_paths: bool = False
     max_bad_images: float = 0.01
+    image_column: str | None = None
+    target_column: str | None = None
+    flips: Mapping[str, Any] | None = None
 
     #: Fields that define the objective: a study resumed with other values is refused.
     OBJECTIVE = ("backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",
-                 "dataset", "data", "val_fraction", "space", "early")
+                 "dataset", "data", "val_fraction", "space", "early", "image_column", "target_column")
 
     @property
     def backbone_spec(self) -> str:

@@ -65,12 +65,17 @@ class DatasetOptions:
         val_fraction: Fraction held out for validation when the data has no split.
         seed: Seed for any random split.
         confine_paths: Refuse image paths (e.g. in a CSV) that lead outside the data's folder.
+        image_column: The CSV column holding image paths (``None``: found by name).
+        target_column: The CSV column holding labels or numeric targets (``None``: found by name,
+            or the only other column).
     """
 
     task: Task | None = None
     val_fraction: float = 0.2
     seed: int = 0
     confine_paths: bool = False
+    image_column: str | None = None
+    target_column: str | None = None
 
 
 @dataclass(frozen=True)

@@ -217,19 +217,30 @@ def load_checkpoint(path: Path, model: Any) -> Any:
 
 
 class StopRequest:
-    """Ctrl-C handling for a search: the first asks the running trial to checkpoint and stop,
-    the second stops at once (finished trials are in the study either way)."""
+    """Ctrl-C (or SIGTERM) handling for a search: the first asks the running trial to checkpoint and stop,
+    the second stops at once (finished trials are in the study either way).
+
+    Attributes:
+        requested: Whether a stop was asked for.
+        signum: The signal that asked first (``SIGINT`` or ``SIGTERM``), or ``None``.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
 
     def __call__(self) -> bool:
         return self.requested
 
 
 @contextmanager
-def catch_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator[StopRequest]:
-    """Install the two-stage Ctrl-C handler (main thread only) for the duration of the block."""
+def catch_interrupts(on_first: Callable[[int], None] = lambda signum: None) -> Iterator[StopRequest]:
+    """Install the two-stage handler of Ctrl-C and SIGTERM (main thread only) for the duration of the block.
+
+    SIGTERM, what a cluster scheduler or a spot instance sends before it kills, is a
+    first Ctrl-C: the running trial checkpoints and is kept for resumption. ``on_first``
+    gets the signal number.
+    """
     import threading
 
     stop = StopRequest()
@@ -240,11 +251,12 @@ def catch_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator[St
     def handler(signum: int, frame: Any) -> None:
         if stop.requested:
             raise KeyboardInterrupt
-        stop.requested = True
-        on_first()
+        stop.requested, stop.signum = True, signum
+        on_first(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -9,6 +9,7 @@ a :class:`~tlengine._setup.SearchSetup`, a study and an input source, no command
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -61,6 +62,8 @@ class TrialRunner:
         progress: Progress bars to add each trial's bar to (none shown if ``None``).
         overall: The progress task advanced once per trial, if any.
         should_stop: Turns true when the user asked to stop (the trial then checkpoints and stops).
+        deadline: ``time.monotonic()`` at which ``--timeout`` ends the search: a trial still running
+            then stops at its next epoch end, pruned with its last score.
 
     Attributes:
         running: The number of the trial this runner runs or ran last (``None`` before the first).
@@ -68,9 +71,10 @@ class TrialRunner:
 
     def __init__(self, setup: SearchSetup, study: optuna.Study, source: InputSource, *, console: rich.console.Console,
                  progress: rich.progress.Progress | None = None, overall: Any = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False, deadline: float | None = None) -> None:
         from rich.progress import Progress
 
+        self.deadline = deadline
         self.setup, self.study, self.source, self.console = setup, study, source, console
         self.progress = progress if progress is not None else Progress(disable=True)
         self.overall, self.should_stop = overall, should_stop
@@ -85,6 +89,10 @@ class TrialRunner:
         self.claim(trial)
         values = self.sample(trial)
         model, optimizer = self.build(trial, values)
+        if self.exact_probe(values, model):
+            with stage("training"):
+                history = self.probe(trial, values, model)
+            return self.finish(trial, values, model, history, None)
         inputs = self.source.inputs(model, model.backbone, self.request(trial, values))
         for note in inputs.notes:
             self.say(trial, note)
@@ -146,6 +154,56 @@ class TrialRunner:
         opt = setup.registry.optimizers[values["optimizer"]]
         groups = param_groups(model, values["weight_decay"], values["layer_decay"])
         return model, opt.factory(groups, values["lr"], values["weight_decay"], **{p: values[f"{opt.name}.{p}"] for p in opt.params})
+
+    def exact_probe(self, values: dict[str, Any], model: torch.nn.Module) -> bool:
+        """Whether the trial is a linear probe solved exactly (``probe = "exact"``): every stage frozen,
+        one linear layer on the pooled features, no mixup or cutmix, no head-only epochs to replay."""
+        import torch
+
+        return (values.get("probe", "exact") == "exact" and values["freeze_depth"] >= self.setup.record.stages
+                and type(model.head) is torch.nn.Linear and not (values["mixup"] > 0 or values["cutmix"] > 0))
+
+    def probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> list[EpochResult]:
+        """Solve the trial's linear head on the frozen pooled features (:mod:`tlengine._probe`) and score it
+        on the validation features; one result, reported to the pruner at the last epoch's step.
+
+        Raises:
+            optuna.TrialPruned: The pruner stopped it (a probe is compared with other trials' final scores).
+        """
+        import optuna
+        import torch
+
+        from tlengine._metrics import score
+        from tlengine._probe import Rows, fit_linear_probe, probe_outputs
+        from tlengine._train import EpochResult
+
+        record, started = self.setup.record, time.perf_counter()
+        probe = self.source.probe_features(model.backbone, values["image_size"])
+        targets = probe.train_targets
+        if record.task == "regression":  # the head outputs standardised targets
+            targets = (targets - model.target_mean) / model.target_std
+        weights = None if self.setup.class_weights is None else torch.as_tensor(self.setup.class_weights, dtype=torch.float32)
+        fit = fit_linear_probe(probe.train, targets, task=record.task, metric=record.metric, outputs=record.num_outputs,
+                               class_weights=weights, label_smoothing=values["label_smoothing"] if record.task == "classification" else 0.0,
+                               seed=self.setup.config.seed + trial.number)
+        with torch.no_grad():
+            model.head.weight.copy_(fit.weight)
+            model.head.bias.copy_(fit.bias)
+        val = probe_outputs(Rows(probe.val), fit.weight, fit.bias, record.task)  # a chunk of features at a time
+        val = val * model.target_std + model.target_mean if record.task == "regression" else val
+        value = score(record.metric, val, probe.val_targets)
+        trial.set_user_attr("probe", {"l2": fit.l2, "inner_score": fit.inner_score, "solve_seconds": round(fit.seconds, 3),
+                                      "features": probe.source})
+        self.say(trial, f"exact linear probe: L2 {fit.l2:g} chosen on an inner split ({record.metric} {fit.inner_score:.4f} there), "
+                        f"solved in {fit.seconds:.1f} s on {probe.source} features")
+        if self.overall is not None:
+            self.progress.advance(self.overall)
+        if not record.objectives:
+            trial.report(value, record.epochs - 1)
+            if trial.should_prune():
+                trial.set_user_attr("prune_reason", "pruned after its exact probe")
+                raise optuna.TrialPruned("pruned after its exact probe")
+        return [EpochResult(record.epochs - 1, fit.train_loss, value, time.perf_counter() - started)]
 
     def request(self, trial: optuna.Trial, values: dict[str, Any]) -> Any:
         """What the trial asks of the input source."""
@@ -219,11 +277,12 @@ class TrialRunner:
 
         def on_epoch(result: EpochResult) -> None:
             self.progress.update(bar, description=f"{label} · {record.metric} {result.score:.4f}")
-            if record.objectives:  # Optuna prunes single-objective studies only
-                return
-            trial.report(result.score, result.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
+            if not record.objectives:  # Optuna prunes single-objective studies only
+                trial.report(result.score, result.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
+            if self.deadline is not None and time.monotonic() >= self.deadline and result.epoch + 1 < record.epochs:
+                raise optuna.TrialPruned(f"stopped at the --timeout deadline after epoch {result.epoch + 1} of {record.epochs}")
 
         def on_backoff(micro: int) -> None:
             trial.set_user_attr("micro_batch", micro)
@@ -270,7 +329,8 @@ class TrialRunner:
             raise unwritable(checkpoint, exc) from exc
         trial.set_user_attr("checkpoint", str(checkpoint.resolve()))
         trial.set_user_attr("history", [asdict(h) for h in history])
-        Path(trial.user_attrs["epoch_checkpoint"]).unlink(missing_ok=True)
+        if "epoch_checkpoint" in trial.user_attrs:  # an exact probe has none
+            Path(trial.user_attrs["epoch_checkpoint"]).unlink(missing_ok=True)
         if previous is not None:
             previous.unlink(missing_ok=True)
         described = f"depth {values['freeze_depth']}/{record.stages}, lr {values['lr']:.1e}"

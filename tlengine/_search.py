@@ -101,10 +101,16 @@ def run_search(config: SearchConfig, console: rich.console.Console) -> SearchRes
 
 def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult:
     """:func:`run_search` inside its stopwatch."""
+    import time
+
     import optuna
 
+    from tlengine._augment import adopt_flips, decide_flips
+    from tlengine._study import saved_record
     from tlengine._inputs import input_source
     from tlengine._setup import make_setup
+
+    started = time.monotonic()
     from tlengine._workers import run_workers
 
     setup = make_setup(config, console)
@@ -113,6 +119,8 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
                           base=setup.base, backbone_id=f"{setup.backbone.name}:{setup.record.arch}", stages=setup.stages, log=warn,
                           early_size=config.early_size, early_epochs=config.early_epochs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    saved = saved_record(setup.storage, setup.study_name)  # a storage that cannot be opened fails here, first
+    setup = adopt_flips(setup, saved) if saved is not None else decide_flips(setup, source, warn)
     study = open_search_study(setup, console)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = sum(t.state in done for t in study.trials)
@@ -123,7 +131,7 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
     if finished and config.worker is None:
         console.print(f"resuming study [bold]{setup.study_name}[/]: {finished} of {setup.n_trials} trials already finished")
     if remaining:
-        optimize(setup, study, source, remaining, console)
+        optimize(setup, study, source, remaining, console, deadline=None if setup.timeout is None else started + setup.timeout)
     if source.summary():
         warn(f"{setup.label}{source.summary()}")
     if config.worker is not None:
@@ -154,13 +162,19 @@ def open_search_study(setup: SearchSetup, console: rich.console.Console) -> optu
     return study
 
 
-def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remaining: int, console: rich.console.Console) -> None:
-    """Run trials in this process until the study has its ``--trials`` (or ``--timeout`` passes), with progress bars.
+def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remaining: int, console: rich.console.Console, *,
+             deadline: float | None = None) -> None:
+    """Run trials in this process until the study has its ``--trials`` or ``deadline`` (``time.monotonic()``,
+    from ``--timeout``) passes, with progress bars: at the deadline no trial starts, and the running one
+    stops at its next epoch end (pruned, with its last score).
 
     Raises:
-        SearchInterrupted: Ctrl-C: the running trial checkpointed (or, on a second Ctrl-C, stopped at once) and is queued to resume.
+        SearchInterrupted: Ctrl-C or SIGTERM: the running trial checkpointed (or, on a second Ctrl-C, stopped at once) and is queued to resume.
         UserError: A trial's checkpoint could not be written (it is queued to resume).
     """
+    import signal
+    import time
+
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -178,26 +192,28 @@ def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remai
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     runner: TrialRunner | None = None
 
-    def first_interrupt() -> None:
+    def first_interrupt(signum: int) -> None:
         if runner is not None and runner.running is not None:
-            console.print(f"stopping: saving trial {runner.running}'s checkpoint first (Ctrl-C again to stop at once)")
+            why = " (SIGTERM)" if signum == signal.SIGTERM else ""
+            console.print(f"stopping{why}: saving trial {runner.running}'s checkpoint first (Ctrl-C again to stop at once)")
 
     with Progress(*columns, console=console, transient=False, disable=setup.config.worker is not None) as progress, \
             catch_interrupts(first_interrupt) as stop:
         runner = TrialRunner(setup, study, source, console=console, progress=progress, overall=progress.add_task("trials", total=remaining),
-                             should_stop=stop)
+                             should_stop=stop, deadline=deadline)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a surplus trial is not a failure to report
         try:
-            study.optimize(runner, timeout=setup.timeout, catch=(Surplus,),
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            study.optimize(runner, timeout=left, catch=(Surplus,),
                            callbacks=[optuna.study.MaxTrialsCallback(setup.n_trials, states=done), lambda s, t: s.stop() if stop() else None])
         except (TrialInterrupted, KeyboardInterrupt, UserError) as exc:
             keep_for_resume(study, runner.running, always=not isinstance(exc, UserError))
             if isinstance(exc, UserError):
                 raise
             raise SearchInterrupted(f"trial {runner.running}'s checkpoint saved" if isinstance(exc, TrialInterrupted)
-                                    else "stopped at once; the running trial resumes from its last epoch") from exc
+                                    else "stopped at once; the running trial resumes from its last epoch", stop.signum) from exc
         if stop():
-            raise SearchInterrupted("stopped between trials")
+            raise SearchInterrupted("stopped between trials", stop.signum)
 
 
 def finish(setup: SearchSetup, study: optuna.Study, console: rich.console.Console) -> SearchResult:

@@ -45,7 +45,8 @@ class SearchSetup:
         sampler: Optuna's sampler.
         pruner: Optuna's pruner.
         n_trials: The study's total number of trials.
-        timeout: Seconds after which no new trial starts, or ``None``.
+        timeout: ``--timeout``: seconds after which the search ends (no new trial; the running one stops at
+            its next epoch end), or ``None``.
         device: The torch device trials train on.
         record: The study's record (stored in the study).
         class_weights: Per-class loss weights, or ``None``.
@@ -128,7 +129,8 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     torch.manual_seed(config.seed)
     with console.status("loading data and backbone"):
         warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
-        dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths)
+        dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths, config.image_column,
+                                         config.target_column)
         data = load_data(dataset, config.data, dataset_options, config.max_bad_images, warn)
         with stage("backbone"):
             base = backbone.factory(arch, config.weights)
@@ -157,7 +159,8 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         space={name: dim.to_dict() for name, dim in space.items()},
         # early rungs at another size score differently: a study keeps one setting
         early={"image_size": config.early_size, "epochs": config.early_epochs} if config.early_size else None,
-        confine_paths=config.confine_paths, max_bad_images=config.max_bad_images,
+        confine_paths=config.confine_paths, max_bad_images=config.max_bad_images, image_column=config.image_column,
+        target_column=config.target_column,
     )
     return SearchSetup(
         config=config, registry=registry, backbone=backbone, dataset=dataset, data=data, base=base, stages=stages, space=space,

@@ -42,6 +42,7 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label)"),
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
+    "probe": ("exact", False, "a linear probe (every stage frozen, linear head): exact = solved on the frozen features, sgd = trained by epochs"),
 }
 #: Names people use for these dimensions elsewhere, for "did you mean" hints.
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "freeze": "freeze_depth", "smoothing": "label_smoothing",
@@ -328,6 +329,7 @@ def _check_values(
         "hflip": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a probability in [0, 1]"),
         "mixup": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "cutmix": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
+        "probe": (lambda v: v in ("exact", "sgd"), "exact or sgd"),
         "head": (lambda v: v in heads, f"a registered head ({', '.join(heads)})"),
         "optimizer": (lambda v: v in optimizers, f"a registered optimizer ({', '.join(optimizers)})"),
     }

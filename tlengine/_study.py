@@ -181,6 +181,26 @@ def open_study(storage: str, study_name: str, directions: list[str], sampler: op
     return study, False
 
 
+def saved_record(storage: str, study_name: str) -> StudyRecord | None:
+    """The record of an existing tlengine study, or ``None`` when there is no such study (yet).
+
+    Raises:
+        UserError: The storage cannot be opened.
+    """
+    import optuna
+
+    storage_object = _open_storage(storage)
+    try:
+        summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage_object, include_best_trial=False)}
+    except Exception as exc:  # database drivers raise their own types
+        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
+    if study_name not in summaries or "tlengine" not in summaries[study_name].user_attrs:
+        return None
+    from tlengine._record import StudyRecord
+
+    return StudyRecord.from_dict(summaries[study_name].user_attrs["tlengine"])
+
+
 def load_study(storage: str, study_name: str) -> optuna.Study:
     """Open an existing tlengine study.
 

@@ -19,7 +19,22 @@ if TYPE_CHECKING:
 
 
 class SearchInterrupted(Exception):
-    """Ctrl-C stopped the search after checkpointing; the message says how far it got."""
+    """Ctrl-C (or SIGTERM) stopped the search after checkpointing; the message says how far it got.
+
+    Attributes:
+        signum: The signal that stopped it (``signal.SIGINT`` or ``signal.SIGTERM``).
+    """
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        import signal
+
+        super().__init__(message)
+        self.signum = signal.SIGINT if signum is None else signum
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit status: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + int(self.signum)
 
 
 def run_workers(setup: SearchSetup, study: optuna.Study, remaining: int, console: rich.console.Console) -> None:
@@ -30,7 +45,7 @@ def run_workers(setup: SearchSetup, study: optuna.Study, remaining: int, console
     the trials, so nothing here schedules anything.
 
     Raises:
-        SearchInterrupted: Ctrl-C (forwarded to every worker, which checkpoints its trial).
+        SearchInterrupted: Ctrl-C or SIGTERM (forwarded to every worker, which checkpoints its trial).
         UserError: A worker failed.
     """
     import os
@@ -72,7 +87,7 @@ def run_workers(setup: SearchSetup, study: optuna.Study, remaining: int, console
         for thread in relays:
             thread.start()
         task = progress.add_task(f"trials ({workers} workers)", total=remaining)
-        forward = lambda: [p.send_signal(signal.SIGINT) for p in procs if p.poll() is None]  # noqa: E731
+        forward = lambda signum: [p.send_signal(signum) for p in procs if p.poll() is None]  # noqa: E731
         with catch_interrupts(forward) as stop:
             try:
                 while any(p.poll() is None for p in procs):
@@ -85,12 +100,12 @@ def run_workers(setup: SearchSetup, study: optuna.Study, remaining: int, console
                         p.send_signal(signal.SIGINT)
                 for p in procs:
                     p.wait()
-                raise SearchInterrupted("workers stopped at once; their running trials resume from their last epochs") from None
+                raise SearchInterrupted("workers stopped at once; their running trials resume from their last epochs", stop.signum) from None
             for thread in relays:
                 thread.join()
     codes = [p.returncode for p in procs]
-    if stop() or 130 in codes:
-        raise SearchInterrupted("each worker saved its trial's checkpoint")
+    if stop() or 130 in codes or 143 in codes:
+        raise SearchInterrupted("each worker saved its trial's checkpoint", stop.signum or (signal.SIGTERM if 143 in codes else None))
     failed = [(i, code) for i, code in enumerate(codes) if code != 0]
     if failed:
         i, code = failed[0]

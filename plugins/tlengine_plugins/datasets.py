@@ -150,10 +150,12 @@ def _pick(header: list[str], names: Sequence[str]) -> str | None:
 def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
     """Read a CSV with an image column and a label (or numeric target) column.
 
-    Columns are found by name: image (``image``, ``path``, ``file``, ...), label
-    (``label``, ``class``, ``target``, ``value``, ``y``) and an optional ``split``
-    column of ``train``/``val``; without it ``--val-fraction`` splits the rows.
-    Image paths are relative to the CSV's folder.
+    Columns are named by ``--image-column`` and ``--target-column``, else found by name:
+    image (``image``, ``path``, ``file``, ...), label (``label``, ``class``, ``target``,
+    ``value``, ``y``, else the only other column) and an optional ``split`` column of
+    ``train``/``val``; without it ``--val-fraction`` splits the rows. Image paths are
+    relative to the CSV's folder; rows whose file is missing are left out and counted
+    with the unreadable images (``--max-bad-images``).
     """
     if path is None:
         raise UserError("--data: pass a CSV file for --dataset csv")
@@ -168,12 +170,7 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
     if not rows:
         raise UserError(f"--data {path}: the CSV is empty")
     header, body = rows[0], [r for r in rows[1:] if any(cell.strip() for cell in r)]
-    image_col, target_col = _pick(header, IMAGE_COLUMNS), _pick(header, TARGET_COLUMNS)
-    if image_col is None or target_col is None:
-        raise UserError(
-            f"--data {path}: expected a header with an image column ({', '.join(IMAGE_COLUMNS)}) "
-            f"and a label column ({', '.join(TARGET_COLUMNS)}); found {', '.join(header) or 'none'}"
-        )
+    image_col, target_col = _columns(header, options, path)
     if not body:
         raise UserError(f"--data {path}: the CSV has a header but no rows")
     index = {name: i for i, name in enumerate(header)}
@@ -184,16 +181,15 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
         if len(row) < len(header):
             raise UserError(f"--data {path}: line {line} has {len(row)} fields, the header has {len(header)}")
         cell = row[index[image_col]]
+        if not cell.strip():
+            raise UserError(f"--data {path}: line {line}: the {image_col!r} column is empty; give each row an image path")
         try:
             image = (file.parent / cell.strip()).resolve()
-            exists = image.is_file()
         except (ValueError, OSError) as exc:  # NUL bytes, names too long
             raise UserError(f"--data {path}: line {line}: {cell!r} is not a usable file path ({exc})") from None
         if options.confine_paths and not image.is_relative_to(file.parent.resolve()):
             raise UserError(f"--data {path}: line {line}: image {cell!r} is outside the CSV's folder (--confine-paths)")
-        if not exists or not cell.strip():
-            raise UserError(f"--data {path}: line {line}: image {cell!r} does not exist")
-        images.append(str(image))
+        images.append(str(image))  # a missing file is left out later and counted with the unreadable ones
         raw_targets.append(row[index[target_col]].strip())
         splits.append(row[index[split_col]].strip().lower() if split_col else "")
     if task == "regression":
@@ -222,6 +218,31 @@ def csv_dataset(path: str | None, options: DatasetOptions) -> ImageData:
         return ImageData(_subset(everything, train_idx), _subset(everything, val_idx), task, classes, name=file.stem)
     train, val = split_by_fraction(everything, classes, options, path)
     return ImageData(train, val, task, classes, name=file.stem)
+
+
+def _columns(header: list[str], options: DatasetOptions, path: str) -> tuple[str, str]:
+    """The image and target columns: as ``--image-column`` / ``--target-column`` name them, else found by
+    name, else (the target) the only column besides the image and ``split`` columns."""
+    def named(name: str, flag: str) -> str:
+        found = next((h for h in header if h == name), None) or next((h for h in header if h.strip().lower() == name.strip().lower()), None)
+        if found is None:
+            raise UserError(f"--{flag} {name}: {path} has no such column; its header is {', '.join(header) or 'empty'}")
+        return found
+
+    image_col = named(options.image_column, "image-column") if options.image_column else _pick(header, IMAGE_COLUMNS)
+    if options.target_column:
+        target_col = named(options.target_column, "target-column")
+    else:
+        target_col = _pick(header, TARGET_COLUMNS)
+        others = [h for h in header if h != image_col and h.strip().lower() != "split"]
+        if target_col is None and image_col is not None and len(others) == 1:
+            target_col = others[0]
+    if image_col is None or target_col is None or image_col == target_col:
+        raise UserError(
+            f"--data {path}: cannot tell which columns hold the images and the targets (header: {', '.join(header) or 'none'}); "
+            f"name them with --image-column and --target-column (found by name: {'/'.join(IMAGE_COLUMNS)} and {'/'.join(TARGET_COLUMNS)})"
+        )
+    return image_col, target_col
 
 
 def _is_float(text: str) -> bool:

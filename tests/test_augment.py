@@ -1,0 +1,75 @@
+"""tlengine._augment: horizontal flips left out where they change what the images show, kept elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_BACKBONE
+
+
+def features(n: int, classes: int, d: int = 16, seed: int = 0, swap: bool = False):
+    """Class-mean features and their 'mirror images': the same class (kept) or the paired class (swap 0<->1, 2<->3).
+    The class means are the same for every ``seed`` (the same classes, other images)."""
+    import torch
+
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(123)) * 2
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = centres[y] + 0.5 * torch.randn(n, d, generator=g)
+    mirror = centres[y ^ 1] if swap else centres[y]
+    return x, mirror + 0.5 * torch.randn(n, d, generator=g), y
+
+
+def test_flips_that_swap_labels_are_left_out() -> None:
+    """Mirrored 'b' looks like 'd': a probe taught with mirror images under the same labels falls apart."""
+    from tlengine._augment import flip_check
+
+    x, flipped, y = features(400, 4, swap=True)
+    vx, _, vy = features(200, 4, seed=1, swap=True)
+    check = flip_check(x, flipped, y, vx, vy, task="classification", metric="accuracy", outputs=4)
+    assert not check.keep and check.drop > 0.2 and check.drop > check.noise
+    assert check.score > 0.9 and check.images == 400
+    assert check.line("accuracy").startswith("augmentation: horizontal flips left out")
+
+
+def test_flips_that_keep_labels_stay() -> None:
+    from tlengine._augment import flip_check
+
+    x, flipped, y = features(400, 4)
+    vx, _, vy = features(200, 4, seed=1)
+    check = flip_check(x, flipped, y, vx, vy, task="classification", metric="accuracy", outputs=4)
+    assert check.keep and abs(check.drop) < 0.05
+    assert check.line("accuracy").startswith("augmentation: horizontal flips kept: a linear probe on 400 training images")
+
+
+def test_flips_that_negate_a_regression_target_are_left_out() -> None:
+    """A rotation angle: the mirror image of an object turned by +a is turned by -a."""
+    import torch
+
+    from tlengine._augment import flip_check
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    angle, val_angle = torch.rand(300, generator=g) * 60 - 30, torch.rand(100, generator=g) * 60 - 30
+    x = angle[:, None] * direction + 0.3 * torch.randn(300, 16, generator=g)
+    mirrored = -angle[:, None] * direction + 0.3 * torch.randn(300, 16, generator=g)
+    vx = val_angle[:, None] * direction + 0.3 * torch.randn(100, 16, generator=g)
+    check = flip_check(x, mirrored, angle, vx, val_angle, task="regression", metric="rmse", outputs=1)
+    assert not check.keep and check.flipped > 5 * check.score
+
+
+def test_search_records_the_decision_and_hflip_on_the_command_line_skips_it(tmp_path: Path, tiny_folder: Path) -> None:
+    import tlengine
+
+    result = tlengine.search(tiny_folder, TINY_BACKBONE, trials=1, epochs=1, weights="none", image_size=32, out=tmp_path,
+                             study_name="f", cache_dir=tmp_path / "cache", quiet=True)
+    flips = result.record.flips
+    assert flips is not None and set(flips) == {"score", "flipped", "drop", "noise", "keep", "images", "seconds"}
+    hflip = json.loads((result.run_dir / "summary.json").read_text())["config"]["space"]["hflip"]["value"]
+    assert hflip == (0.5 if flips["keep"] else 0.0)
+    fixed = tlengine.search(tiny_folder, TINY_BACKBONE, trials=1, epochs=1, weights="none", image_size=32, out=tmp_path,
+                            study_name="g", cache_dir=tmp_path / "cache", param={"hflip": 0.5}, quiet=True)
+    assert fixed.record.flips is None and fixed.record.space["hflip"]["value"] == 0.5

@@ -1,0 +1,149 @@
+"""Augmentation decided from the data: horizontal flips only where they keep the label.
+
+A flip is harmless for most photos and garments and wrong for digits, text, left/right
+classes and rotation angles. Before the first trial, two exact linear probes
+(:mod:`tlengine._probe`) are fitted on the frozen pooled features of (up to 4,000 of) the
+training images: one on the images as they are, one on them together with their mirror
+images under the same labels, which is what flip augmentation teaches. Both are scored on
+the validation images. Where the flip-taught probe is clearly worse (by more than one
+point of the metric, or 5 % of a regression error, and more than two standard errors of
+the paired per-image difference), flips change what the images show, and ``hflip`` is
+fixed at 0 for every trial. ``--param hflip=...`` (or ``hflip`` in the config) skips the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlengine._inputs import InputSource
+    from tlengine._record import StudyRecord
+    from tlengine._setup import SearchSetup
+
+
+@dataclass(frozen=True)
+class FlipCheck:
+    """What the flip check measured and decided.
+
+    Attributes:
+        score: The validation score (the study's metric) of a probe fitted on the training images.
+        flipped: That of a probe fitted on them and their mirror images.
+        drop: How much worse the second is, in the metric's own direction (positive = worse).
+        noise: Two standard errors of the paired per-image difference, in the same units.
+        keep: Whether flips stay in the search.
+        images: Training images the probes were fitted on.
+        seconds: Wall time of the check.
+    """
+
+    score: float
+    flipped: float
+    drop: float
+    noise: float
+    keep: bool
+    images: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the study record."""
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+    def line(self, metric: str) -> str:
+        """One line saying what was decided and why."""
+        units, unit = (1.0, "") if metric in ("rmse", "mae") else (100.0, " points")
+        figures = (f"a linear probe on {self.images} training images scores {metric} {self.score:.4f}, taught with their mirror images "
+                   f"{self.flipped:.4f} ({-self.drop * units:+.1f}{unit}; noise {self.noise * units:.1f}{unit})")
+        if self.keep:
+            return f"augmentation: horizontal flips kept: {figures}"
+        return f"augmentation: horizontal flips left out (they change what the images show): {figures}; --param hflip=0.5 puts them back"
+
+
+#: Training images the flip check fits its probes on, at most.
+CHECK_IMAGES = 4000
+
+
+def flip_check(train: Any, train_flipped: Any, train_targets: torch.Tensor, val: Any, val_targets: torch.Tensor, *, task: str,
+               metric: str, outputs: int, seed: int = 0) -> FlipCheck:
+    """Fit an exact probe on ``train`` and one on ``train`` plus ``train_flipped`` (the same labels); compare them on ``val``.
+
+    Regression targets are standardised for the fits and compared in their own units.
+    """
+    import time
+
+    import torch
+
+    from tlengine._metrics import METRICS, score
+    from tlengine._probe import Rows, fit_linear_probe
+
+    started = time.perf_counter()
+    mean, std = (float(train_targets.float().mean()), float(train_targets.float().std()) or 1.0) if task == "regression" else (0.0, 1.0)
+    fit_y = (train_targets - mean) / std if task == "regression" else train_targets
+    x = torch.cat([x for _, x in Rows(train).chunks()])
+    both = torch.cat([x, torch.cat([x for _, x in Rows(train_flipped).chunks()])])
+
+    def val_outputs(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        fit = fit_linear_probe(features, targets, task=task, metric=metric, outputs=outputs, seed=seed)
+        out = torch.cat([v @ fit.weight.T + fit.bias for _, v in Rows(val).chunks()])
+        return out.squeeze(-1) * std + mean if task == "regression" else out
+
+    plain, taught = val_outputs(x, fit_y), val_outputs(both, torch.cat([fit_y, fit_y]))
+    a, b = score(metric, plain, val_targets), score(metric, taught, val_targets)
+    drop = (a - b) if METRICS[metric][1] == "maximize" else (b - a)
+    if task == "classification":  # per image: right without flips, wrong with them (and back)
+        paired, margin = (plain.argmax(-1) == val_targets).float() - (taught.argmax(-1) == val_targets).float(), 0.01
+    else:  # per image: the absolute error with flips minus without, in the targets' units
+        paired, margin = (taught - val_targets.float()).abs() - (plain - val_targets.float()).abs(), 0.05 * abs(a)
+    noise = 2 * float(paired.std()) / math.sqrt(len(paired)) if len(paired) > 1 else math.inf
+    keep = not (drop > margin and drop > noise)
+    return FlipCheck(float(a), float(b), float(drop), float(noise), keep, len(x), time.perf_counter() - started)
+
+
+def decide_flips(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) -> SearchSetup:
+    """``setup`` with ``hflip`` fixed at 0 when :func:`flip_check` finds flips change the images' labels;
+    unchanged when ``hflip`` was set by the user or is not 0.5 by default. Says what it decided in one line."""
+    import torch
+
+    space = setup.space
+    dim = space["hflip"]
+    if dim.source != "default" or dim.searched or not dim.value:
+        return setup
+    size_dim = space["image_size"]
+    size = size_dim.value if not size_dim.searched else (size_dim.choices[0] if size_dim.kind == "categorical" else size_dim.high)
+    record = setup.record
+    base = setup.base
+    probe = source.probe_features(base, size, count=False)
+    picks = _spread(len(probe.train_targets), CHECK_IMAGES)
+    train = probe.train[picks] if not hasattr(probe.train, "index_select") else probe.train.index_select(0, torch.as_tensor(picks))
+    flipped = source.train_features(base, size, picks, flip=True)
+    check = flip_check(train, flipped, probe.train_targets[picks], probe.val, probe.val_targets, task=record.task, metric=record.metric,
+                       outputs=record.num_outputs, seed=setup.config.seed)
+    log(f"{setup.label}{check.line(record.metric)}")
+    if check.keep:
+        return dataclasses.replace(setup, record=dataclasses.replace(record, flips=check.to_dict()))
+    space = {**space, "hflip": dataclasses.replace(dim, value=0.0)}
+    record = dataclasses.replace(record, space={**record.space, "hflip": space["hflip"].to_dict()}, flips=check.to_dict())
+    return dataclasses.replace(setup, space=space, record=record)
+
+
+def adopt_flips(setup: SearchSetup, saved: StudyRecord) -> SearchSetup:
+    """``setup`` with the flip decision of the study it resumes (``saved``), so that a resumed search keeps
+    what its first run decided without checking again; unchanged where the user set ``hflip``."""
+    dim = setup.space["hflip"]
+    if dim.source != "default" or dim.searched or saved.flips is None or "hflip" not in saved.space:
+        return setup
+    decided = dataclasses.replace(dim, value=saved.space["hflip"].get("value", dim.value))
+    space = {**setup.space, "hflip": decided}
+    record = dataclasses.replace(setup.record, space={**setup.record.space, "hflip": decided.to_dict()}, flips=saved.flips)
+    return dataclasses.replace(setup, space=space, record=record)
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(n)`` (all of them when ``n <= count``)."""
+    if n <= count:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
