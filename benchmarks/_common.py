@@ -60,6 +60,20 @@ def fixed_trials_study(storage: str, name: str, trials: Sequence[tuple[int, floa
         study.enqueue_trial({"freeze_depth": depth, "lr": lr})
 
 
+def read_idx(path: Path) -> Any:
+    """A uint8 array from a gzipped IDX file (Fashion-MNIST's format: byte 3 the dimensions, then one
+    big-endian uint32 per dimension, then the data)."""
+    import gzip
+
+    import numpy as np
+
+    with gzip.open(path) as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
 def tlengine_model(arch: str, classes: int, **create_kwargs: Any) -> Any:
     """A timm ``arch`` backbone (random weights, seed 0) with a linear head, joined as ``tlengine search`` joins them."""
     import timm

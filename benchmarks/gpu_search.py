@@ -30,7 +30,6 @@ and writes its JSON as ``gpu_*_cpu_smoke.json``: never CPU figures under the GPU
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fit_step_seconds, report, tlengine_model  # noqa: E402
+from _common import fit_step_seconds, read_idx, report, tlengine_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -116,17 +115,9 @@ def throughput(archs: list[str], size: int, batch: int, steps: int, device: str,
 
 def write_pngs(fashion: Path, folder: Path, count: int) -> Path:
     """``folder/<class>/*.png``: the first ``count`` Fashion-MNIST training images (the search splits off validation)."""
-    import numpy as np
     from PIL import Image
 
-    def idx(name: str):
-        with gzip.open(fashion / name) as handle:
-            data = handle.read()
-        dims = data[3]
-        shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-        return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-    images, labels = idx("train-images-idx3-ubyte.gz"), idx("train-labels-idx1-ubyte.gz")
+    images, labels = read_idx(fashion / "train-images-idx3-ubyte.gz"), read_idx(fashion / "train-labels-idx1-ubyte.gz")
     for name in CLASSES:
         (folder / name).mkdir(parents=True, exist_ok=True)
     for i in range(min(count, len(images))):

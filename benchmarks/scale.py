@@ -22,7 +22,6 @@ are read with ``pread``, so their pages stay in the kernel's page cache and out 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, report  # noqa: E402
+from _common import RESULTS, read_idx, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT.parent / "shared" / "data" / "fashion-mnist"
@@ -42,13 +41,8 @@ PER_IMAGE = ("listing", "checking images", "decoding", "features", "training", "
 
 
 def idx(name: str):
-    import numpy as np
-
-    with gzip.open(FASHION / name) as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+    """One of the Fashion-MNIST files."""
+    return read_idx(FASHION / name)
 
 
 def variant(image, v: int):
