@@ -17,7 +17,8 @@ def setup_and_study(folder: Path, out: Path, **options: Any) -> tuple[Any, Any]:
     from tlengine._search import open_search_study
     from tlengine._setup import make_setup
 
-    config = search_config(data=str(folder), backbone=TINY_BACKBONE, weights="none", epochs=2, image_size=32, batch_size=8, out=str(out),
+    options = {"epochs": 2, **options}
+    config = search_config(data=str(folder), backbone=TINY_BACKBONE, weights="none", image_size=32, batch_size=8, out=str(out),
                            study_name="r", pruner="none", **options)
     console = Console(quiet=True)
     setup = make_setup(config, console)
@@ -91,3 +92,28 @@ def test_one_builder_for_search_and_export(tiny_run: Path) -> None:
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     frozen = trial.user_attrs["values"]["freeze_depth"]
     assert any(not p.requires_grad for p in model.parameters()) == (frozen > 0)
+
+
+def test_the_pruner_stops_a_trial_between_epochs_never_after_its_last(tiny_folder: Path, tmp_path: Path) -> None:
+    """With a pruner that always says stop, a trial is pruned after its first epoch, but a trial whose last
+    epoch is done completes (its training is spent; pruning it would throw the result away)."""
+    import dataclasses
+
+    import optuna
+    from rich.console import Console
+
+    from tlengine._runner import TrialRunner
+
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            return True
+
+    for epochs, expected in ((2, "PRUNED"), (1, "COMPLETE")):
+        setup, study = setup_and_study(tiny_folder, tmp_path / f"runs{epochs}", trials=2, epochs=epochs, param={"freeze_depth": 0})
+        study.pruner = Always()
+        setup = dataclasses.replace(setup, pruner=study.pruner)
+        runner = TrialRunner(setup, study, source_for(setup, False, tmp_path / "cache"), console=Console(quiet=True))
+        study.optimize(runner, n_trials=1)
+        trial = study.trials[0]
+        assert trial.state.name == expected, (epochs, trial.user_attrs.get("prune_reason"))
+        assert len(trial.intermediate_values) == 1

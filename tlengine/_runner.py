@@ -165,12 +165,7 @@ class TrialRunner:
 
     def probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> list[EpochResult]:
         """Solve the trial's linear head on the frozen pooled features (:mod:`tlengine._probe`) and score it
-        on the validation features; one result, reported to the pruner at the last epoch's step.
-
-        Raises:
-            optuna.TrialPruned: The pruner stopped it (a probe is compared with other trials' final scores).
-        """
-        import optuna
+        on the validation features; one result, reported to the pruner at the last epoch's step."""
         import torch
 
         from tlengine._metrics import score
@@ -198,11 +193,8 @@ class TrialRunner:
                         f"solved in {fit.seconds:.1f} s on {probe.source} features")
         if self.overall is not None:
             self.progress.advance(self.overall)
-        if not record.objectives:
+        if not record.objectives:  # at the last epoch's step, beside the other trials' final scores; done, so never pruned
             trial.report(value, record.epochs - 1)
-            if trial.should_prune():
-                trial.set_user_attr("prune_reason", "pruned after its exact probe")
-                raise optuna.TrialPruned("pruned after its exact probe")
         return [EpochResult(record.epochs - 1, fit.train_loss, value, time.perf_counter() - started)]
 
     def request(self, trial: optuna.Trial, values: dict[str, Any]) -> Any:
@@ -279,7 +271,8 @@ class TrialRunner:
             self.progress.update(bar, description=f"{label} · {record.metric} {result.score:.4f}")
             if not record.objectives:  # Optuna prunes single-objective studies only
                 trial.report(result.score, result.epoch)
-                if trial.should_prune():
+                # after the last epoch the work is done: a finished trial completes, whatever the median
+                if result.epoch + 1 < record.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch + 1}")
             if self.deadline is not None and time.monotonic() >= self.deadline and result.epoch + 1 < record.epochs:
                 raise optuna.TrialPruned(f"stopped at the --timeout deadline after epoch {result.epoch + 1} of {record.epochs}")
