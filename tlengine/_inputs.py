@@ -147,16 +147,14 @@ class InputSource:
         return ProbeFeatures(self._pooled(backbone, self.data.train, preprocess), train_y, self.val_features(backbone, image_size), val_y,
                              "computed")
 
-    def val_features(self, backbone: torch.nn.Module, image_size: int, *, flip: bool = False) -> torch.Tensor:
-        """Pooled features of the validation images at the evaluation crop, mirrored left to right when ``flip``."""
-        return self._pooled(backbone, self.data.val, self.preprocess(image_size), flip)
-
-    def train_features(self, backbone: torch.nn.Module, image_size: int, indices: Sequence[int], *, flip: bool = False) -> torch.Tensor:
-        """Pooled features of the training images at ``indices`` (evaluation crop), mirrored when ``flip``."""
+    def val_features(self, backbone: torch.nn.Module, image_size: int, *, flip: bool = False,
+                     indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Pooled features of the validation images (those at ``indices``, else all) at the evaluation crop,
+        mirrored left to right when ``flip``."""
         from tlengine._records import Split
 
-        train = self.data.train
-        subset = Split([train.images[i] for i in indices], [train.targets[i] for i in indices])
+        val = self.data.val
+        subset = val if indices is None else Split([val.images[i] for i in indices], [val.targets[i] for i in indices])
         return self._pooled(backbone, subset, self.preprocess(image_size), flip)
 
     def _pooled(self, backbone: torch.nn.Module, split: Any, preprocess: Preprocess, flip: bool = False) -> torch.Tensor:
