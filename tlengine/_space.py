@@ -265,37 +265,48 @@ def build_space(
             raise UserError(f"{option}: unknown parameter {name!r}{_hint(name, known)}; see docs/search-space.md")
         flat[name] = (spec, "cli")
         options[name] = option
-    optimizers = list(lr_ranges)
-    classification_only = ("label_smoothing", "mixup", "cutmix")
     if task == "regression":
-        for name in classification_only:
-            spec, source = flat[name]
-            if source == "default":
-                flat[name] = (0.0, "default")
-            elif spec not in (0, 0.0):
-                origin = where if source == "config" else dict(overrides).get(name, (None, "--param"))[1]
-                raise UserError(f"{origin}: {name} applies to classification only; remove it for regression")
+        _classification_only_at_zero(flat, where, overrides)
     space: dict[str, Dimension] = {}
     for name, (spec, source) in sorted(flat.items(), key=lambda item: item[0] == "lr"):  # lr after optimizer
         integer = DIMENSIONS[name][1] if name in DIMENSIONS else _is_integer_spec(spec)
         origin = where if source == "config" else options.get(name, "--param") if source == "cli" else "default"
         if spec == "search":
-            if name == "freeze_depth":
-                dim = Dimension(name, "int", low=0, high=n_stages, source=source)
-            elif name == "lr":
-                chosen = space["optimizer"]
-                names = [chosen.value] if chosen.kind == "fixed" else list(chosen.choices)
-                ranges = [lr_ranges[n] for n in names if n in lr_ranges] or list(lr_ranges.values())
-                dim = Dimension(name, "float", low=min(r[0] for r in ranges), high=max(r[1] for r in ranges), log=True, source=source)
-            elif name in ("head", "optimizer"):
-                dim = Dimension(name, "categorical", choices=tuple(heads if name == "head" else optimizers), source=source)
-            else:
-                raise UserError(f"{origin}: {name} has no default range; give it a {{low, high}} table or a list")
+            space[name] = _default_range(name, source, origin, space, n_stages, lr_ranges, heads)
         else:
-            dim = parse_dimension(name, spec, integer, source, origin)
-        space[name] = dim
-    _check_values(space, n_stages, heads, optimizers, where, options)
+            space[name] = parse_dimension(name, spec, integer, source, origin)
+    _check_values(space, n_stages, heads, list(lr_ranges), where, options)
     return dict(sorted(space.items(), key=lambda item: list(flat).index(item[0])))
+
+
+def _classification_only_at_zero(flat: dict[str, tuple[Any, str]], where: str, overrides: Mapping[str, Any]) -> None:
+    """For regression: the classification-only dimensions at 0 by default, and refused where the user set them."""
+    for name in ("label_smoothing", "mixup", "cutmix"):
+        spec, source = flat[name]
+        if source == "default":
+            flat[name] = (0.0, "default")
+        elif spec not in (0, 0.0):
+            origin = where if source == "config" else dict(overrides).get(name, (None, "--param"))[1]
+            raise UserError(f"{origin}: {name} applies to classification only; remove it for regression")
+
+
+def _default_range(name: str, source: str, origin: str, space: Mapping[str, Dimension], n_stages: int,
+                   lr_ranges: Mapping[str, tuple[float, float]], heads: list[str]) -> Dimension:
+    """What ``"search"`` means for ``name``: every depth, the chosen optimizers' learning-rate range, or every plugin.
+
+    Raises:
+        UserError: ``name`` has no default range.
+    """
+    if name == "freeze_depth":
+        return Dimension(name, "int", low=0, high=n_stages, source=source)
+    if name == "lr":
+        chosen = space["optimizer"]
+        names = [chosen.value] if chosen.kind == "fixed" else list(chosen.choices)
+        ranges = [lr_ranges[n] for n in names if n in lr_ranges] or list(lr_ranges.values())
+        return Dimension(name, "float", low=min(r[0] for r in ranges), high=max(r[1] for r in ranges), log=True, source=source)
+    if name in ("head", "optimizer"):
+        return Dimension(name, "categorical", choices=tuple(heads if name == "head" else lr_ranges), source=source)
+    raise UserError(f"{origin}: {name} has no default range; give it a {{low, high}} table or a list")
 
 
 def _hint(name: str, known: list[str]) -> str:
