@@ -82,7 +82,7 @@ def flip_check(train: Any, train_targets: torch.Tensor, val: Any, val_flipped: A
 
     import torch
 
-    from tlengine._metrics import METRICS, score
+    from tlengine._metrics import maximizes, score
     from tlengine._probe import Rows, fit_linear_probe, probe_outputs
 
     started = time.perf_counter()
@@ -96,7 +96,7 @@ def flip_check(train: Any, train_targets: torch.Tensor, val: Any, val_flipped: A
 
     plain, mirrored = outputs_of(val), outputs_of(val_flipped)
     a, b = score(metric, plain, val_targets), score(metric, mirrored, val_targets)
-    drop = (a - b) if METRICS[metric][1] == "maximize" else (b - a)
+    drop = (a - b) if maximizes(metric) else (b - a)
     if task == "classification":  # per image: right as it is, wrong mirrored (and back)
         paired, margin = (plain.argmax(-1) == val_targets).float() - (mirrored.argmax(-1) == val_targets).float(), 0.01
     else:  # per image: the absolute error mirrored minus as it is, in the targets' units
@@ -109,50 +109,51 @@ def flip_check(train: Any, train_targets: torch.Tensor, val: Any, val_flipped: A
 def decide_flips(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) -> SearchSetup:
     """``setup`` with ``hflip`` fixed at 0 when :func:`flip_check` finds flips change the images' labels;
     unchanged when ``hflip`` was set by the user or is not 0.5 by default. Says what it decided in one line."""
+    from tlengine._loaders import evenly_spaced
+
     space = setup.space
-    dim = space["hflip"]
-    if dim.source != "default" or dim.searched or not dim.value:
+    if not _decided_here(setup):
         return setup
     size_dim = space["image_size"]
     size = size_dim.value if not size_dim.searched else (size_dim.choices[0] if size_dim.kind == "categorical" else size_dim.high)
     record = setup.record
     base = setup.base
     probe = source.probe_features(base, size, count=False)
-    train_picks = _spread(len(probe.train_targets), CHECK_IMAGES)
-    val_picks = _spread(len(probe.val_targets), CHECK_IMAGES)
+    train_picks = evenly_spaced(len(probe.train_targets), CHECK_IMAGES)
+    val_picks = evenly_spaced(len(probe.val_targets), CHECK_IMAGES)
     flipped = source.val_features(base, size, flip=True, indices=val_picks)
     check = flip_check(_rows(probe.train, train_picks), probe.train_targets[train_picks], _rows(probe.val, val_picks), flipped,
                        probe.val_targets[val_picks], task=record.task, metric=record.metric, outputs=record.num_outputs,
                        seed=setup.config.seed)
     log(f"{setup.label}{check.line(record.metric)}")
-    if check.keep:
-        return dataclasses.replace(setup, record=dataclasses.replace(record, flips=check.to_dict()))
-    space = {**space, "hflip": dataclasses.replace(dim, value=0.0)}
-    record = dataclasses.replace(record, space={**record.space, "hflip": space["hflip"].to_dict()}, flips=check.to_dict())
-    return dataclasses.replace(setup, space=space, record=record)
+    return _with_flips(setup, space["hflip"].value if check.keep else 0.0, check.to_dict())
 
 
 def adopt_flips(setup: SearchSetup, saved: StudyRecord) -> SearchSetup:
     """``setup`` with the flip decision of the study it resumes (``saved``), so that a resumed search keeps
     what its first run decided without checking again; unchanged where the user set ``hflip``."""
-    dim = setup.space["hflip"]
-    if dim.source != "default" or dim.searched or saved.flips is None or "hflip" not in saved.space:
+    if not _decided_here(setup) or saved.flips is None or "hflip" not in saved.space:
         return setup
-    decided = dataclasses.replace(dim, value=saved.space["hflip"].get("value", dim.value))
-    space = {**setup.space, "hflip": decided}
-    record = dataclasses.replace(setup.record, space={**setup.record.space, "hflip": decided.to_dict()}, flips=saved.flips)
-    return dataclasses.replace(setup, space=space, record=record)
+    return _with_flips(setup, saved.space["hflip"].get("value", setup.space["hflip"].value), saved.flips)
 
 
-def _spread(n: int, count: int) -> list[int]:
-    """``count`` indices spread evenly over ``range(n)`` (all of them when ``n <= count``)."""
-    if n <= count:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
+def _decided_here(setup: SearchSetup) -> bool:
+    """Whether the flips are tlengine's to decide: ``hflip`` is the default, fixed and not 0."""
+    dim = setup.space["hflip"]
+    return dim.source == "default" and not dim.searched and bool(dim.value)
 
 
-def _rows(features: Any, picks: list[int]) -> Any:
-    """Rows ``picks`` of a feature tensor or cache file."""
+def _with_flips(setup: SearchSetup, hflip: float, flips: dict[str, Any]) -> SearchSetup:
+    """``setup`` with ``hflip`` fixed at ``hflip`` in its space and record, and the check's figures in its record."""
+    decided = dataclasses.replace(setup.space["hflip"], value=hflip)
+    record = dataclasses.replace(setup.record, space={**setup.record.space, "hflip": decided.to_dict()}, flips=flips)
+    return dataclasses.replace(setup, space={**setup.space, "hflip": decided}, record=record)
+
+
+def _rows(features: Any, picks: list[int]) -> torch.Tensor:
+    """Rows ``picks`` (increasing) of a feature tensor or cache file, as float32 (read a block at a time)."""
     import torch
 
-    return features.index_select(0, torch.as_tensor(picks)) if isinstance(features, torch.Tensor) else features[picks]
+    from tlengine._probe import Rows
+
+    return torch.cat([x for _, x in Rows(features, picks).chunks()])

@@ -111,8 +111,8 @@ def drop_unreadable(data: ImageData, max_bad: float, warn: Any) -> ImageData:
         return data
     limit = max_bad if max_bad >= 1 else max_bad * total
     missing = sum(error == "missing" for _, error in bad)
-    what = ", ".join(part for part in (f"{missing} missing" if missing else "", f"{len(bad) - missing} unreadable" if len(bad) > missing else "")
-                     if part)
+    counts = {"missing": missing, "unreadable": len(bad) - missing}
+    what = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
     first = "; ".join(f"{item} ({error})" for item, error in bad[:3])
     if len(bad) > limit:
         raise UserError(f"--max-bad-images {max_bad:g}: {len(bad)} of {total} images cannot be used ({what}), e.g. {first}; "

@@ -222,21 +222,18 @@ class ValidationImages:
 
     def images(self, indices: Sequence[int]) -> Any:
         """Float32 ``(len(indices), 3, H, W)``: the images at ``indices``, decoded on several threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
         import numpy as np
 
-        from tlengine._store import decode_threads
+        from tlengine._store import decode_threads, thread_map
 
-        with ThreadPoolExecutor(min(decode_threads(), max(1, len(indices)))) as pool:
-            return np.stack(list(pool.map(lambda i: self.preprocess(self.items[i]), indices)))
+        indices = list(indices)
+        return np.stack(list(thread_map(lambda i: self.preprocess(self.items[indices[i]]), len(indices), decode_threads())))
 
     def sample(self, count: int = 16) -> Any:
         """``count`` images spread evenly over the split (the same ones every time)."""
-        import numpy as np
+        from tlengine._loaders import evenly_spaced
 
-        picks = np.unique(np.linspace(0, len(self) - 1, num=min(count, len(self))).round().astype(int))
-        return self.images(picks.tolist())
+        return self.images(evenly_spaced(len(self), count))
 
     def batches(self, batch_size: int = 64) -> Iterator[tuple[Any, Any]]:
         """``(images, targets)`` over the whole split, ``batch_size`` at a time."""

@@ -352,6 +352,13 @@ def target_tensor(targets: Sequence[Any], task: str) -> torch.Tensor:
     return torch.tensor(list(targets), dtype=torch.long if task == "classification" else torch.float32)
 
 
+def evenly_spaced(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(n)``, first and last included (all of them when ``n <= count``)."""
+    if n <= count:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
+
+
 def eval_tensors(split: Split, preprocess: Preprocess, task: str) -> torch.utils.data.TensorDataset:
     """A whole split through timm's evaluation transform, as one ``TensorDataset``.
 

@@ -21,6 +21,11 @@ METRICS: dict[str, tuple[str, str]] = {
 DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse"}
 
 
+def maximizes(metric: str) -> bool:
+    """Whether a higher ``metric`` is better."""
+    return METRICS[metric][1] == "maximize"
+
+
 def check_metric(metric: str | None, task: str) -> str:
     """The metric to use for ``task`` (its default when ``metric`` is ``None``).
 

@@ -126,7 +126,7 @@ def fit_linear_probe(features: Any, targets: torch.Tensor, *, task: str, metric:
     """
     import torch
 
-    from tlengine._metrics import score
+    from tlengine._metrics import maximizes, score
 
     started = time.perf_counter()
     inner_train, inner_val = _inner_split(targets, task, seed, SELECT_ROWS)
@@ -135,7 +135,7 @@ def fit_linear_probe(features: Any, targets: torch.Tensor, *, task: str, metric:
     solve = _ridge if task == "regression" else _logistic
     best: tuple[float, float, Any] | None = None
     start = None
-    sign = -1.0 if _maximize(metric) else 1.0
+    sign = -1.0 if maximizes(metric) else 1.0
     for l2 in L2_GRID:
         w, b, _ = solve(fit_rows, fit_y, outputs, l2, class_weights, label_smoothing, start)
         start = (w, b)
@@ -146,12 +146,6 @@ def fit_linear_probe(features: Any, targets: torch.Tensor, *, task: str, metric:
     # from the subset's solution; over many rows each pass reads them all, so the refit stops sooner
     w, b, loss = solve(Rows(features), targets, outputs, best[0], class_weights, label_smoothing, best[2], REFIT_ITERATIONS)
     return ProbeFit(w, b, best[0], best[1], loss, time.perf_counter() - started)
-
-
-def _maximize(metric: str) -> bool:
-    from tlengine._metrics import METRICS
-
-    return METRICS[metric][1] == "maximize"
 
 
 def _inner_split(targets: torch.Tensor, task: str, seed: int, most: int) -> tuple[Any, Any]:

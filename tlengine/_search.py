@@ -95,8 +95,7 @@ def run_search(config: SearchConfig, console: rich.console.Console) -> SearchRes
         SearchInterrupted: Ctrl-C stopped it; finished trials are kept and the same command resumes it.
     """
     with stopwatch():
-        result = _search(config, console)
-    return result
+        return _search(config, console)
 
 
 def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult:
@@ -106,13 +105,12 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
     import optuna
 
     from tlengine._augment import adopt_flips, decide_flips
-    from tlengine._study import saved_record
     from tlengine._inputs import input_source
     from tlengine._setup import make_setup
-
-    started = time.monotonic()
+    from tlengine._study import saved_record
     from tlengine._workers import run_workers
 
+    started = time.monotonic()
     setup = make_setup(config, console)
     warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
     source = input_source(setup.data, setup.record.data_config, setup.device, seed=config.seed, cache=config.cache_options(),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError, unknown
-from tlengine._record import StudyRecord, read_record, write_record
+from tlengine._record import RECORD_KEY, StudyRecord, read_record, write_record
 
 if TYPE_CHECKING:
     import optuna
@@ -168,7 +168,7 @@ def open_study(storage: str, study_name: str, directions: list[str], sampler: op
             created = False
     except Exception as exc:  # database drivers raise their own types
         raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
-    if created or "tlengine" not in study.user_attrs:  # not yet: the creator is a moment behind, or an empty study
+    if created or RECORD_KEY not in study.user_attrs:  # not yet: the creator is a moment behind, or an empty study
         write_record(study, record)
         return study, created
     existing = [d.name.lower() for d in study.directions]
@@ -189,16 +189,26 @@ def saved_record(storage: str, study_name: str) -> StudyRecord | None:
     """
     import optuna
 
+    storage_object, names = _study_names(storage)
+    if study_name not in names:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage_object)
+    return read_record(study) if RECORD_KEY in study.user_attrs else None  # no record yet: its creator is a moment behind
+
+
+def _study_names(storage: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
+    """The opened storage and the names of its studies.
+
+    Raises:
+        UserError: The storage cannot be opened.
+    """
+    import optuna
+
     storage_object = _open_storage(storage)
     try:
-        summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage_object, include_best_trial=False)}
+        return storage_object, optuna.get_all_study_names(storage_object)
     except Exception as exc:  # database drivers raise their own types
         raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
-    if study_name not in summaries or "tlengine" not in summaries[study_name].user_attrs:
-        return None
-    from tlengine._record import StudyRecord
-
-    return StudyRecord.from_dict(summaries[study_name].user_attrs["tlengine"])
 
 
 def load_study(storage: str, study_name: str) -> optuna.Study:
@@ -210,11 +220,7 @@ def load_study(storage: str, study_name: str) -> optuna.Study:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_object = _open_storage(storage)
-    try:
-        names = optuna.get_all_study_names(storage_object)
-    except Exception as exc:
-        raise UserError(f"--storage {storage}: cannot open it ({type(exc).__name__}: {first_line(exc)})") from exc
+    storage_object, names = _study_names(storage)
     if study_name not in names:
         raise UserError(f"--study-name {study_name}: no such study in {storage}; it has: {', '.join(names) or 'none'}")
     study = optuna.load_study(study_name=study_name, storage=storage_object)

@@ -224,7 +224,7 @@ def _columns(header: list[str], options: DatasetOptions, path: str) -> tuple[str
     """The image and target columns: as ``--image-column`` / ``--target-column`` name them, else found by
     name, else (the target) the only column besides the image and ``split`` columns."""
     def named(name: str, flag: str) -> str:
-        found = next((h for h in header if h == name), None) or next((h for h in header if h.strip().lower() == name.strip().lower()), None)
+        found = name if name in header else _pick(header, (name.strip().lower(),))
         if found is None:
             raise UserError(f"--{flag} {name}: {path} has no such column; its header is {', '.join(header) or 'empty'}")
         return found
