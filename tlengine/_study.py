@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,8 +99,10 @@ def make_sampler(name: str, seed: int, grid: dict[str, list[Any]] | None = None)
     """
     import optuna
 
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
+    if name == "tpe":  # group: the policy's own dimensions and the plugins' are sampled in the trials that use them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -109,8 +112,16 @@ def make_sampler(name: str, seed: int, grid: dict[str, list[Any]] | None = None)
     raise unknown("sampler", name, ["tpe", "random", "grid"], "--sampler")
 
 
-def make_pruner(name: str) -> Any:
-    """Optuna's pruner for ``--pruner``: ``median``, ``hyperband`` or ``none``.
+def make_pruner(name: str, epochs: int = 5) -> Any:
+    """Optuna's pruner for ``--pruner``: ``median``, ``hyperband`` or ``none``, for trials of ``epochs`` epochs.
+
+    ``median`` knows the schedule: with warmup and a cosine decay a trial's score keeps
+    rising to its last epoch, so early scores rank trials poorly (a trial of the demo rose
+    from 0.47 to 0.88 to the study's best in its last epoch, after three others were stopped at
+    0.79-0.84 below the median). No trial is judged before half its epochs are done, and
+    then only one in the bottom quarter of the trials at the same epoch is stopped (Optuna's
+    ``PercentilePruner`` keeping 75 %). ``benchmarks/pruning.py`` replays both rules on studies run
+    without pruning and counts the stopped trials that would have ended best.
 
     Raises:
         UserError: Unknown name.
@@ -118,7 +129,8 @@ def make_pruner(name: str) -> Any:
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Optuna's percentile is the share of trials kept: 75 stops the bottom quarter, in either direction
+        return optuna.pruners.PercentilePruner(75.0, n_startup_trials=3, n_warmup_steps=max(1, epochs // 2))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1)
     if name == "none":
