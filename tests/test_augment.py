@@ -73,3 +73,49 @@ def test_search_records_the_decision_and_hflip_on_the_command_line_skips_it(tmp_
     fixed = tlengine.search(tiny_folder, TINY_BACKBONE, trials=1, epochs=1, weights="none", image_size=32, out=tmp_path,
                             study_name="g", cache_dir=tmp_path / "cache", param={"hflip": 0.5}, quiet=True)
     assert fixed.record.flips is None and fixed.record.space["hflip"]["value"] == 0.5
+
+
+def test_crop_check_prefers_the_view_that_keeps_the_signal() -> None:
+    """Where the class shows only near the border (the centre crop cuts it), the whole image wins; where
+    both views carry it equally, the whole image wins the tie; where the centre is cleaner, the centre wins."""
+    import torch
+
+    from tlengine._augment import crop_check
+
+    strong, _, y = features(400, 4)
+    strong_val, _, vy = features(200, 4, seed=1)
+    weak = torch.randn(400, 16, generator=torch.Generator().manual_seed(2))  # no signal left
+    weak_val = torch.randn(200, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(crop_pct=0.875, task="classification", metric="accuracy", outputs=4)
+    check = crop_check((weak, weak_val), (strong, strong_val), y, vy, **kw)
+    assert check.chosen == "whole" and check.whole > 0.9 > 0.5 > check.center
+    assert check.line("accuracy").startswith("evaluation crop: the whole image, resized")
+    assert crop_check((strong, strong_val), (strong, strong_val), y, vy, **kw).chosen == "whole"
+    centre = crop_check((strong, strong_val), (weak, weak_val), y, vy, **kw)
+    assert centre.chosen == "center" and centre.line("accuracy").startswith("evaluation crop: timm's centre crop (0.875")
+    regression = crop_check((weak, weak_val), (strong, strong_val), y.float(), vy.float(), crop_pct=0.875, task="regression",
+                            metric="rmse", outputs=1)
+    assert regression.chosen == "whole" and regression.whole < regression.center
+
+
+def test_eval_crop_decided_recorded_and_exported(tmp_path: Path, tiny_folder: Path) -> None:
+    """The check's choice is the study's preprocessing (the exported model's too); ``eval_crop`` decides instead."""
+    import onnx
+
+    import tlengine
+
+    common = dict(data=tiny_folder, backbone=TINY_BACKBONE, trials=1, epochs=1, weights="none", image_size=32, out=tmp_path,
+                  cache_dir=tmp_path / "cache", quiet=True, param={"lr": 1e-3})
+    auto = tlengine.search(study_name="a", **common)
+    crop = auto.record.crop
+    assert crop is not None and crop["chosen"] in ("center", "whole") and crop["images"] == 12
+    assert auto.record.data_config["crop_pct"] == (1.0 if crop["chosen"] == "whole" else crop["crop_pct"])
+
+    def resize(result):  # the exported model's preprocessing: resize to this, then centre-crop to 32
+        return json.loads({p.key: p.value for p in onnx.load(str(result.run_dir / "best.onnx")).metadata_props}["preprocess"])["resize"]
+
+    assert (resize(auto) == 32) == (crop["chosen"] == "whole")
+    whole = tlengine.search(study_name="w", eval_crop="whole", **common)
+    assert whole.record.crop is None and whole.record.data_config["crop_pct"] == 1.0 and resize(whole) == 32
+    center = tlengine.search(study_name="c", eval_crop="center", **common)
+    assert center.record.crop is None and center.record.data_config["crop_pct"] < 1.0 and resize(center) > 32

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, TINY_BACKBONE
+from tlengine._loaders import Augment
 
 TINY_MODELS = {"test_efficientnet": 6, "resnet10t": 5, "test_vit": 7}  # stages of each
 
@@ -80,8 +81,8 @@ def test_prefix_split_is_exact(arch: str, tiny_folder: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("augment", [(0, 0.0), (9, 0.5)], ids=["crop", "crop+flip+randaugment"])
-def test_cached_training_equals_uncached(augment: tuple[int, float], dtype: str, tiny_folder: Path, tmp_path: Path,
+@pytest.mark.parametrize("augment", [Augment(0.5, 0.0, 0), Augment(0.5, 0.5, 9)], ids=["crop", "crop+flip+randaugment"])
+def test_cached_training_equals_uncached(augment: Augment, dtype: str, tiny_folder: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``fit`` on cached features (suffix + head) follows ``fit`` on images decoded and augmented every epoch,
     for a linear probe and a partial freeze: the cached views are the uncached epochs' augmented images.
@@ -261,7 +262,8 @@ def test_search_cached_equals_uncached(depth: int, tiny_folder: Path, tmp_path: 
     order with the same augmentation, on fp16 features (frozen stages) or decoded pixels (identical)."""
     # trained by epochs (probe=sgd: the exact probe has its own test) with flips on (no flip check): the augmented path
     fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--param", "layer_decay=1.0",
-             "--param", "randaugment=9", "--param", "probe=sgd", "--param", "hflip=0.5"]
+             "--param", "augment=randaugment", "--param", "randaugment=9", "--param", "crop_scale=0.5",
+             "--param", "probe=sgd", "--param", "hflip=0.5", "--eval-crop", "center", "--param", "head_init=random"]
     cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
     features = 3 if depth else 0  # validation, and one augmented view per epoch
     err = capsys.readouterr().err
@@ -290,22 +292,22 @@ def test_one_pass_stores_features_for_fewer_frozen_stages(tiny_folder: Path, tmp
     data = tiny_data(tiny_folder)
     preprocess = preprocess_for(base)
     caches = search_caches(data, base, tmp_path / "a")
-    probe = caches.features(caches.splitter.split(n, 32), "train", preprocess, 1, (9, 0.5), 3)
+    probe = caches.features(caches.splitter.split(n, 32), "train", preprocess, 1, Augment(0.5, 0.5, 9), 3)
     made = caches.store.made_extra["features"]
     assert probe is not None and made == sum(caches.splitter.split(d, 32) is not None for d in range(1, n)) >= 3
     for depth in range(1, n):
         split = caches.splitter.split(depth, 32)
         if split is None:
             continue
-        on_the_way = caches.features(split, "train", preprocess, 1, (9, 0.5), 3)
+        on_the_way = caches.features(split, "train", preprocess, 1, Augment(0.5, 0.5, 9), 3)
         direct = search_caches(data, base, tmp_path / f"direct{depth}")
-        alone = direct.features(direct.splitter.split(depth, 32), "train", preprocess, 1, (9, 0.5), 3)
+        alone = direct.features(direct.splitter.split(depth, 32), "train", preprocess, 1, Augment(0.5, 0.5, 9), 3)
         assert np.array_equal(np.asarray(on_the_way), np.asarray(alone)), depth
     assert caches.store.misses["features"] == 1 and caches.store.hits["features"] == made
     # a cap with room for the decoded images and the probe's own features only
     needed = sum(p.stat().st_size for p in (tmp_path / "a" / "images").glob("*.npy")) + probe.nbytes + 128
     tight = search_caches(data, base, tmp_path / "tight", size_gb=needed / 1e9)
-    again = tight.features(tight.splitter.split(n, 32), "train", preprocess, 1, (9, 0.5), 3)
+    again = tight.features(tight.splitter.split(n, 32), "train", preprocess, 1, Augment(0.5, 0.5, 9), 3)
     assert np.array_equal(np.asarray(again), np.asarray(probe))
     assert tight.store.made_extra.get("features", 0) == 0 and tight.store.evicted == 0
 
@@ -353,7 +355,7 @@ def test_early_epochs_at_a_lower_resolution(depth: int, tiny_folder: Path, tmp_p
     import optuna
 
     fixed = ["--param", f"freeze_depth={depth}", "--param", "lr=0.01", "--param", "label_smoothing=0.0", "--param", "probe=sgd",
-             "--param", "hflip=0.5", "--early-size", "16"]
+             "--param", "hflip=0.5", "--eval-crop", "center", "--param", "head_init=random", "--early-size", "16"]
     cached = search(tiny_folder, tmp_path / "a", tmp_path / "cache", *fixed)
     err = capsys.readouterr().err
     # per size: validation and the view of its one epoch
@@ -388,7 +390,7 @@ def test_features_that_cannot_be_cached_say_why_once(tiny_folder: Path, tmp_path
     preprocess, depth = preprocess_for(base), 6
     model = build_model(base, torch.nn.Linear(base.num_features, 3), "classification")
     source = InputSource(data, resolve_data_config(model=base), "cpu", 0, caches)
-    inputs = source.inputs(model, base, InputRequest(depth, 32, (0, 0.5), False, 8, 3, 0))
+    inputs = source.inputs(model, base, InputRequest(depth, 32, Augment(0.5, 0.5, 0), False, 8, 3, 0))
     assert not inputs.on_features and len(inputs.train_loader) == 3  # the trial runs on decoded images instead
     assert caches.store.misses["features"] == 1  # validation only: no training view was computed for nothing
     assert [s for s in said if "features after" in s] == [f"caches: features after {depth} stages: prefix outputs exceed the float16 range; "
@@ -414,7 +416,7 @@ def test_decoded_images_over_the_cap_say_how_much_they_need(tmp_path: Path, tiny
     caches._log = said.append
     model = build_model(base, torch.nn.Linear(base.num_features, 3), "classification")
     source = InputSource(data, resolve_data_config(model=base), "cpu", 0, caches)
-    inputs = source.inputs(model, base, InputRequest(0, 32, (0, 0.5), False, 8, 1, 0))
+    inputs = source.inputs(model, base, InputRequest(0, 32, Augment(0.5, 0.5, 0), False, 8, 1, 0))
     assert not inputs.on_features and len(inputs.train_loader) >= 1
     need = (len(data.val) * 32 * 32 + len(data.train) * 36 * 36) * 3 / 1e6  # eval crop 32, training square at the resize side 36
     assert said == [f"caches: the decoded images at 32px need {max(1, round(need))} MB, over --cache-size-gb 1e-06; decoding every image every "

@@ -120,14 +120,16 @@ def test_results_table_reads_in_80_columns(tiny_run: Path) -> None:
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_run / 'study.db'}")
     rows = trial_rows(study)
-    searched = ("freeze_depth", "lr", "layer_decay", "label_smoothing")  # the demo's space
-    params = {"freeze_depth": 6, "lr": 1.234e-5, "layer_decay": 0.8125, "label_smoothing": 0.0625}
+    searched = ("freeze_depth", "lr", "layer_decay", "label_smoothing", "augment", "crop_scale")  # the demo's space
+    params = {"freeze_depth": 6, "lr": 1.234e-5, "layer_decay": 0.8125, "label_smoothing": 0.0625, "augment": "randaugment",
+              "crop_scale": 0.421875}
     rows += [dataclasses.replace(rows[0], number=17, recipe="head first, then unfreeze", state="pruned", params=params, score=0.912345,
                                  seconds=1234.5, epochs=12),
-             dataclasses.replace(rows[0], number=118, recipe=None, state="running", params=params, score=None, seconds=None)]
+             dataclasses.replace(rows[0], number=118, recipe=None, state="running", params={**params, "lr": 0.01, "augment": "crop"},
+                                 score=None, seconds=None)]
     result = SearchResult("demo-tf_efficientnet_lite0", "sqlite:///x", tiny_run, read_record(study), tuple(rows), rows[0], searched)
     console = Console(width=80, record=True, color_system=None)
     console.print(results_table(result))
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
-    assert "1.2e-05" in text and "head→FT" in text and "probe" in text and "0.9123" in text and "1234" in text and "118" in text
+    assert "1.2e-05" in text and "1.0e-02" in text and "RA.42" in text and "crop.42" in text and "head→FT" in text and "probe" in text and "0.9123" in text and "1234" in text and "118" in text

@@ -117,3 +117,66 @@ def test_the_pruner_stops_a_trial_between_epochs_never_after_its_last(tiny_folde
         trial = study.trials[0]
         assert trial.state.name == expected, (epochs, trial.user_attrs.get("prune_reason"))
         assert len(trial.intermediate_values) == 1
+
+
+def test_a_trial_samples_only_what_its_augmentation_policy_uses(tiny_folder: Path, tmp_path: Path) -> None:
+    """The policy is sampled first; ``crop_scale`` only for the cropping policies, ``hflip`` never for ``none``
+    (stored as ``None``), and the augmentation the trial asks for follows from them."""
+    import optuna
+    from rich.console import Console
+
+    from tlengine._loaders import Augment
+    from tlengine._runner import TrialRunner
+
+    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=2, param={"augment": "search"})
+    runner = TrialRunner(setup, study, source_for(setup, False, tmp_path / "cache"), console=Console(quiet=True))
+    sampled = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = sampled.ask()
+        values = runner.sample(trial)
+        policy = values["augment"]
+        seen.add(policy)
+        assert ("crop_scale" in trial.params) == (policy in ("crop", "randaugment"))
+        assert (values["crop_scale"] is None) == (policy not in ("crop", "randaugment"))
+        augment = Augment.of(values)
+        assert (augment.crop_scale is None) == (policy in ("none", "flip"))
+        assert augment.hflip == (0.0 if policy == "none" else 0.5) and bool(augment.randaugment) == (policy == "randaugment")
+        assert augment.identity == (policy == "none")
+        sampled.tell(trial, 0.0)
+    assert seen == {"none", "flip", "crop", "randaugment"}
+
+
+def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LP-FT: the full fine-tune recipe's linear head starts as the exact linear probe's solution (the probe
+    trial's saved head, bit for bit), solved once; with ``head_init = "random"`` it starts from timm's init."""
+    import torch
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    from tlengine._runner import TrialRunner
+
+    starts: list[dict[str, torch.Tensor]] = []
+    original = TrialRunner.start_from_probe
+
+    def spy(self: Any, trial: Any, values: Any, model: Any) -> None:
+        original(self, trial, values, model)
+        starts.append({k: v.detach().clone() for k, v in model.head.state_dict().items()})
+
+    monkeypatch.setattr(TrialRunner, "start_from_probe", spy)
+    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=3)
+    runner = TrialRunner(setup, study, source_for(setup, True, tmp_path / "cache"), console=Console(quiet=True))
+    study.optimize(runner, n_trials=3)
+    probe, full, head_first = study.trials[:3]
+    assert [t.user_attrs["values"]["head_init"] for t in (full, head_first)] == ["probe", "probe"] and len(starts) == 2
+    saved = load_file(probe.user_attrs["checkpoint"])
+    for start in starts:
+        assert torch.equal(start["weight"], saved["head.weight"]) and torch.equal(start["bias"], saved["head.bias"])
+    assert full.user_attrs["head_init"]["l2"] == probe.user_attrs["probe"]["l2"] and "head_init" not in probe.user_attrs
+    assert len(runner._probe_heads) == 1  # one solve for both
+
+    starts.clear()
+    setup, study = setup_and_study(tiny_folder, tmp_path / "random", trials=2, param={"head_init": "random"})
+    runner = TrialRunner(setup, study, source_for(setup, True, tmp_path / "cache"), console=Console(quiet=True))
+    study.optimize(runner, n_trials=2)
+    assert not starts and "head_init" not in study.trials[1].user_attrs

@@ -22,7 +22,9 @@ def space(config=None, overrides=None, task="classification", params=None):
 
 def test_defaults() -> None:
     s = space()
-    assert [n for n, d in s.items() if d.searched] == ["freeze_depth", "lr", "layer_decay", "label_smoothing"]
+    assert [n for n, d in s.items() if d.searched] == ["freeze_depth", "lr", "layer_decay", "label_smoothing", "augment", "crop_scale"]
+    assert s["augment"].choices == ("none", "flip", "crop", "randaugment") and (s["crop_scale"].low, s["crop_scale"].high) == (0.25, 1.0)
+    assert s["head_init"].value == "probe" and s["randaugment"].value == 9
     assert (s["freeze_depth"].low, s["freeze_depth"].high, s["freeze_depth"].kind) == (0, 6, "int")
     assert (s["lr"].low, s["lr"].high, s["lr"].log) == (1e-5, 1e-2, True)
     assert s["head"].value == "linear" and s["optimizer"].value == "adamw" and s["batch_size"].value == 32
@@ -129,7 +131,7 @@ def test_head_first_epochs_leave_backbone_untouched_then_train_it(tiny_folder: P
     from tlengine._model import build_model
     from tlengine._preprocess import Preprocess
     from tlengine._stages import backbone_stages, freeze_stages
-    from tlengine._loaders import image_train_loader
+    from tlengine._loaders import Augment, image_train_loader
     from tlengine._loaders import eval_tensors, loader
     from tlengine._train import TrainPlan, fit, param_groups
     from tlengine_plugins.datasets import imagefolder
@@ -144,7 +146,7 @@ def test_head_first_epochs_leave_backbone_untouched_then_train_it(tiny_folder: P
     optimizer = torch.optim.AdamW(param_groups(model, 0.0, 1.0), lr=1e-2)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     snapshots = []
-    fit(model, optimizer, image_train_loader(data.train, "classification", pre, (0, 0.5), 8, "cpu", shuffle_seed=0, augment_seed=0),
+    fit(model, optimizer, image_train_loader(data.train, "classification", pre, Augment(0.5, 0.5, 0), 8, "cpu", shuffle_seed=0, augment_seed=0),
         loader(eval_tensors(data.val, pre, "classification"), 8, False, "cpu"), TrainPlan(2, "classification", "accuracy"),
         device="cpu", on_epoch_start=lambda e: freeze_stages(backbone, n if e < 1 else 0),
         on_epoch=lambda r: snapshots.append({k: v.clone() for k, v in backbone.state_dict().items()}))
@@ -204,7 +206,11 @@ def test_recipes_run_first_in_order(tiny_folder: Path, tmp_path: Path) -> None:
     assert head_first["params"]["freeze_depth"] == 0 and head_first["params"]["layer_decay"] == 0.7
     assert head_first["values"]["head_epochs"] == 1  # a default-fixed value the recipe overrides
     assert trials[3]["values"]["head_epochs"] == 0
-    assert trials[0]["params"]["lr"] == pytest.approx(1e-2) and trials[1]["params"]["lr"] == pytest.approx(1e-3)
+    # the rates come from the range test before the first trial: its suggestion, and ten times it for the probe
+    lr_test, lr = summary["config"]["lr_test"], summary["config"]["space"]["lr"]
+    assert lr_test["low"] == lr["low"] and lr_test["high"] == lr["high"] and lr["low"] < lr_test["suggested"] < lr["high"]
+    assert trials[1]["params"]["lr"] == pytest.approx(lr_test["suggested"])
+    assert trials[0]["params"]["lr"] == pytest.approx(min(lr["high"], 10 * lr_test["suggested"]))
 
 
 def test_grid_sweeps_every_freeze_depth(tiny_folder: Path, tmp_path: Path) -> None:
@@ -227,11 +233,11 @@ def test_changed_space_refused_on_resume(tiny_folder: Path, tmp_path: Path, caps
 
 def test_augmentation_and_mixup_train(tiny_folder: Path, tmp_path: Path) -> None:
     from tlengine._preprocess import Preprocess
-    from tlengine._loaders import tensor_augment
+    from tlengine._loaders import Augment, tensor_augment
 
     pre = Preprocess.from_data_config({"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 1.0}, 32)
-    assert "RandAugment" in repr(tensor_augment(pre, 9)) and "RandAugment" not in repr(tensor_augment(pre, 0))
-    summary = run(["search", "--data", str(tiny_folder), *TINY, "--param", "randaugment=9", "--param", "mixup=0.4",
+    assert "RandAugment" in repr(tensor_augment(pre, Augment(0.5, 0.5, 9))) and "RandAugment" not in repr(tensor_augment(pre, Augment(0.5, 0.5, 0)))
+    summary = run(["search", "--data", str(tiny_folder), *TINY, "--param", "augment=randaugment", "--param", "randaugment=9", "--param", "mixup=0.4",
                    "--param", "cutmix=1.0", "--trials", "1", "--epochs", "1", "--out", str(tmp_path), "--study-name", "a",
                    "--metric", "macro_f1", "--class-weights"])
     trial = summary["trials"][0]
@@ -276,3 +282,52 @@ def test_latency_objective(tiny_folder: Path, tmp_path: Path) -> None:
                    "--param", "image_size=[32, 64]", "--trials", "2", "--epochs", "1", "--out", str(tmp_path), "--study-name", "l"])
     costs = [t["cost"] for t in summary["trials"] if t["state"] == "complete"]
     assert len(costs) == 2 and all(0 < c < 1000 for c in costs)
+
+
+def test_policy_choices_follow_the_parameters_that_rule_policies_out() -> None:
+    """``hflip = 0`` leaves no ``flip`` policy, ``randaugment = 0`` no ``randaugment`` one; the recipes take the
+    light policy (flips where they may be on, else none) and the grid sampler fixes the default policy at it."""
+    from tlengine._space import active, for_grid, light_policy, opening_recipes, policy_dimension
+
+    no_flips = space(overrides={"hflip": (0.0, "--param")})
+    assert no_flips["augment"].choices == ("none", "crop", "randaugment") and light_policy(no_flips) == "none"
+    assert space(overrides={"randaugment": (0, "--param")})["augment"].choices == ("none", "flip", "crop")
+    assert policy_dimension(no_flips) == no_flips["augment"]
+    assert light_policy(space()) == "flip"
+    assert {r[1]["augment"] for r in opening_recipes(space(), 6, 3, 1e-3)} == {"flip"}
+    assert {r[1]["augment"] for r in opening_recipes(no_flips, 6, 3, 1e-3)} == {"none"}
+    assert [active({"augment": p}, "crop_scale") for p in ("none", "flip", "crop", "randaugment")] == [False, False, True, True]
+    assert [active({"augment": p}, "hflip") for p in ("none", "flip", "crop")] == [False, True, True]
+    grid = for_grid(space())
+    assert grid["augment"].value == "flip" and not grid["crop_scale"].searched and grid["lr"] == space()["lr"]
+    chosen = for_grid(space(overrides={"augment": (["none", "crop"], "--param")}))  # the user's own list is swept
+    assert chosen["augment"].choices == ("none", "crop") and chosen["crop_scale"].searched
+
+
+def test_pruner_waits_for_half_the_schedule_then_stops_only_the_bottom_quarter() -> None:
+    """``--pruner median`` with 4 epochs: nothing is judged at epoch 1; at epoch 2 a trial below the 25th
+    percentile of the others is stopped, one between the 25th and the 50th goes on."""
+    import optuna
+
+    from tlengine._study import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", epochs=4))
+    for finals in ([0.5, 0.6, 0.9, 0.9], [0.6, 0.7, 0.9, 0.9], [0.7, 0.8, 0.9, 0.9], [0.8, 0.9, 0.9, 0.9]):
+        trial = study.ask()
+        for step, value in enumerate(finals, 1):
+            trial.report(value, step)
+        study.tell(trial, finals[-1])
+
+    def pruned_at(scores: list[float]) -> int | None:
+        trial = study.ask()
+        for step, value in enumerate(scores, 1):
+            trial.report(value, step)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return step
+        study.tell(trial, scores[-1])
+        return None
+
+    assert pruned_at([0.1, 0.9, 0.9, 0.9]) is None  # the worst at epoch 1 is not judged there
+    assert pruned_at([0.1, 0.1, 0.1, 0.1]) == 2  # bottom quarter at epoch 2
+    assert pruned_at([0.7, 0.75, 0.9, 0.9]) is None  # below the median (0.8) at epoch 2, above the bottom quarter (0.7)

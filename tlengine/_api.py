@@ -41,6 +41,7 @@ def search(
     metric: str | None = None,
     objectives: str | Sequence[str] | None = None,
     class_weights: bool | None = None,
+    eval_crop: str | None = None,
     seed: int = 0,
     device: str = "auto",
     sampler: str | None = None,
@@ -91,6 +92,7 @@ def search(
         metric: ``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``top5``; ``rmse``, ``mae``, ``r2``.
         objectives: ``"METRIC,latency"`` or ``"METRIC,params"`` (or a pair): a Pareto front.
         class_weights: Weight the loss by inverse class frequency.
+        eval_crop: ``auto``, ``center`` or ``whole``: how evaluation and the exported model crop (``--eval-crop``).
         seed: Seeds the sampler, the split and every trial.
         device: ``auto``, ``cpu`` or ``cuda``.
         sampler: ``tpe`` (multivariate), ``random`` or ``grid``.

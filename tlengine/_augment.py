@@ -1,15 +1,25 @@
-"""Augmentation decided from the data: horizontal flips only where they keep the label.
+"""Views of the images decided from the data: the evaluation crop, and horizontal flips only where they keep the label.
 
-A flip is harmless for most photos and garments and wrong for digits, text, left/right
-classes and rotation angles. Before the first trial, an exact linear probe
-(:mod:`tlengine._probe`) is fitted on the frozen pooled features of (up to 4,000 of) the
-training images and scored on (up to 4,000 of) the validation images as they are and
-mirrored. Pretrained backbones were trained with flips, so their features of a mirrored
-photo are close to the photo's own, and the probe scores mirrored images as well as the
-originals unless mirroring changes what they show. Where the mirrored score is clearly
-worse (by more than one point of the metric, or 5 % of a regression error, and more than
-two standard errors of the paired per-image difference), ``hflip`` is fixed at 0 for
-every trial. ``--param hflip=...`` (or ``hflip`` in the config) skips the check.
+Both checks run before the first trial, on the frozen pooled features of (up to 4,000 of)
+the training images and (up to 4,000 of) the validation images, with an exact linear probe
+(:mod:`tlengine._probe`), in seconds.
+
+**The crop.** timm evaluates by resizing the shorter side to ``size / crop_pct`` and cutting
+out the centre (``crop_pct`` 0.875 for most backbones): right for photos framed loosely,
+wrong where the object fills the frame (a 28 px garment loses its edges). A probe is fitted
+on each view (timm's centre crop; the whole image resized to the input side) and scored on
+the validation images in the same view; the better one is what every trial evaluates on,
+the training views start from, and the exported model's preprocessing does.
+
+**Flips.** A flip is harmless for most photos and garments and wrong for digits, text,
+left/right classes and rotation angles. The probe fitted on the images as they are is
+scored on the validation images as they are and mirrored. Pretrained backbones were trained
+with flips, so their features of a mirrored photo are close to the photo's own, and the
+probe scores mirrored images as well as the originals unless mirroring changes what they
+show. Where the mirrored score is clearly worse (by more than one point of the metric, or
+5 % of a regression error, and more than two standard errors of the paired per-image
+difference), ``hflip`` is fixed at 0 for every trial and the ``flip`` policy leaves the
+space. ``--param hflip=...`` (or ``hflip`` in the config) skips the check.
 
 On scikit-learn's handwritten digits (32 px, lite0 at 64 px) the probe scores 0.903 on the
 validation images and 0.706 on them mirrored: flips are left out; on Fashion-MNIST
@@ -68,6 +78,66 @@ class FlipCheck:
         return f"augmentation: horizontal flips left out (they change what the images show): {figures}; --param hflip=0.5 puts them back"
 
 
+@dataclass(frozen=True)
+class CropCheck:
+    """What the crop check measured and decided.
+
+    Attributes:
+        center: The probe's validation score (the study's metric) with timm's centre crop.
+        whole: Its score with the whole image resized.
+        crop_pct: timm's crop fraction for the backbone.
+        chosen: ``"center"`` or ``"whole"``.
+        images: Validation images compared.
+        seconds: Wall time of the check.
+    """
+
+    center: float
+    whole: float
+    crop_pct: float
+    chosen: str
+    images: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the study record."""
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+    def line(self, metric: str) -> str:
+        """One line saying what was decided and why."""
+        chosen = "the whole image, resized" if self.chosen == "whole" else f"timm's centre crop ({self.crop_pct:g} of the side)"
+        return (f"evaluation crop: {chosen}: a linear probe scores {metric} {self.center:.4f} on {self.images} validation images "
+                f"centre-cropped and {self.whole:.4f} whole; --eval-crop center|whole decides instead")
+
+
+def crop_check(center: tuple[Any, Any], whole: tuple[Any, Any], train_targets: torch.Tensor, val_targets: torch.Tensor, *,
+               crop_pct: float, task: str, metric: str, outputs: int, seed: int = 0) -> CropCheck:
+    """Fit an exact probe on the training features of each view, ``(train, val)`` pairs, and score it on that
+    view's validation features: the whole image wins where it scores at least as well."""
+    import time
+
+    from tlengine._metrics import maximizes, score
+
+    started = time.perf_counter()
+    a = score(metric, _probe_outputs(center[0], train_targets, [center[1]], task=task, metric=metric, outputs=outputs, seed=seed)[0],
+              val_targets)
+    b = score(metric, _probe_outputs(whole[0], train_targets, [whole[1]], task=task, metric=metric, outputs=outputs, seed=seed)[0],
+              val_targets)
+    better = b >= a if maximizes(metric) else b <= a
+    return CropCheck(float(a), float(b), crop_pct, "whole" if better else "center", len(val_targets), time.perf_counter() - started)
+
+
+def _probe_outputs(train: Any, train_targets: torch.Tensor, vals: list[Any], *, task: str, metric: str, outputs: int,
+                   seed: int) -> list[torch.Tensor]:
+    """An exact probe fitted on ``train``, its outputs on each of ``vals`` (regression in the targets' units)."""
+    from tlengine._probe import Rows, fit_linear_probe, probe_outputs
+
+    mean, std = (float(train_targets.float().mean()), float(train_targets.float().std()) or 1.0) if task == "regression" else (0.0, 1.0)
+    fit_y = (train_targets - mean) / std if task == "regression" else train_targets
+    fit = fit_linear_probe(train, fit_y, task=task, metric=metric, outputs=outputs, seed=seed)
+    out = [probe_outputs(Rows(v), fit.weight, fit.bias, task) for v in vals]
+    return [o * std + mean if task == "regression" else o for o in out]
+
+
 #: Training images the probe is fitted on, and validation images it is scored on, at most.
 CHECK_IMAGES = 4000
 
@@ -80,21 +150,10 @@ def flip_check(train: Any, train_targets: torch.Tensor, val: Any, val_flipped: A
     """
     import time
 
-    import torch
-
     from tlengine._metrics import maximizes, score
-    from tlengine._probe import Rows, fit_linear_probe, probe_outputs
 
     started = time.perf_counter()
-    mean, std = (float(train_targets.float().mean()), float(train_targets.float().std()) or 1.0) if task == "regression" else (0.0, 1.0)
-    fit_y = (train_targets - mean) / std if task == "regression" else train_targets
-    fit = fit_linear_probe(train, fit_y, task=task, metric=metric, outputs=outputs, seed=seed)
-
-    def outputs_of(features: Any) -> torch.Tensor:
-        out = probe_outputs(Rows(features), fit.weight, fit.bias, task)
-        return out * std + mean if task == "regression" else out
-
-    plain, mirrored = outputs_of(val), outputs_of(val_flipped)
+    plain, mirrored = _probe_outputs(train, train_targets, [val, val_flipped], task=task, metric=metric, outputs=outputs, seed=seed)
     a, b = score(metric, plain, val_targets), score(metric, mirrored, val_targets)
     drop = (a - b) if maximizes(metric) else (b - a)
     if task == "classification":  # per image: right as it is, wrong mirrored (and back)
@@ -105,55 +164,3 @@ def flip_check(train: Any, train_targets: torch.Tensor, val: Any, val_flipped: A
     keep = not (drop > margin and drop > noise)
     return FlipCheck(float(a), float(b), float(drop), float(noise), keep, len(paired), time.perf_counter() - started)
 
-
-def decide_flips(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) -> SearchSetup:
-    """``setup`` with ``hflip`` fixed at 0 when :func:`flip_check` finds flips change the images' labels;
-    unchanged when ``hflip`` was set by the user or is not 0.5 by default. Says what it decided in one line."""
-    from tlengine._loaders import evenly_spaced
-
-    space = setup.space
-    if not _decided_here(setup):
-        return setup
-    size_dim = space["image_size"]
-    size = size_dim.value if not size_dim.searched else (size_dim.choices[0] if size_dim.kind == "categorical" else size_dim.high)
-    record = setup.record
-    base = setup.base
-    probe = source.probe_features(base, size, count=False)
-    train_picks = evenly_spaced(len(probe.train_targets), CHECK_IMAGES)
-    val_picks = evenly_spaced(len(probe.val_targets), CHECK_IMAGES)
-    flipped = source.val_features(base, size, flip=True, indices=val_picks)
-    check = flip_check(_rows(probe.train, train_picks), probe.train_targets[train_picks], _rows(probe.val, val_picks), flipped,
-                       probe.val_targets[val_picks], task=record.task, metric=record.metric, outputs=record.num_outputs,
-                       seed=setup.config.seed)
-    log(f"{setup.label}{check.line(record.metric)}")
-    return _with_flips(setup, space["hflip"].value if check.keep else 0.0, check.to_dict())
-
-
-def adopt_flips(setup: SearchSetup, saved: StudyRecord) -> SearchSetup:
-    """``setup`` with the flip decision of the study it resumes (``saved``), so that a resumed search keeps
-    what its first run decided without checking again; unchanged where the user set ``hflip``."""
-    if not _decided_here(setup) or saved.flips is None or "hflip" not in saved.space:
-        return setup
-    return _with_flips(setup, saved.space["hflip"].get("value", setup.space["hflip"].value), saved.flips)
-
-
-def _decided_here(setup: SearchSetup) -> bool:
-    """Whether the flips are tlengine's to decide: ``hflip`` is the default, fixed and not 0."""
-    dim = setup.space["hflip"]
-    return dim.source == "default" and not dim.searched and bool(dim.value)
-
-
-def _with_flips(setup: SearchSetup, hflip: float, flips: dict[str, Any]) -> SearchSetup:
-    """``setup`` with ``hflip`` fixed at ``hflip`` in its space and record, and the check's figures in its record."""
-    decided = dataclasses.replace(setup.space["hflip"], value=hflip)
-    record = dataclasses.replace(setup.record, space={**setup.record.space, "hflip": decided.to_dict()}, flips=flips)
-    return dataclasses.replace(setup, space={**setup.space, "hflip": decided}, record=record)
-
-
-def _rows(features: Any, picks: list[int]) -> torch.Tensor:
-    """Rows ``picks`` (increasing) of a feature tensor or cache file, as float32 (read a block at a time)."""
-    import torch
-
-    from tlengine._probe import Rows
-
-    return torch.cat([x for _, x in Rows(features, picks).chunks()])

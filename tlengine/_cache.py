@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
-from tlengine._loaders import EpochLoader, augment_batch, eval_loader, feature_dataset, image_train_loader, loader, normalize, target_tensor, tensor_augment, train_square
+from tlengine._loaders import Augment, EpochLoader, augment_batch, eval_loader, feature_dataset, image_train_loader, loader, normalize, target_tensor, tensor_augment, train_square
 from tlengine._preprocess import Preprocess
 from tlengine._split import PrefixSplit, Splitter, cached_model
 from tlengine._store import Store, decode_into, default_cache_dir, digest, images_digest, state_digest
@@ -166,7 +166,7 @@ class SearchCaches:
             self._weights = state_digest(self.base.state_dict())
         return self._weights
 
-    def _feature_key(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: tuple[int, float],
+    def _feature_key(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: Augment | None,
                      seed: int) -> str:
         import timm
         import torch
@@ -174,10 +174,10 @@ class SearchCaches:
         from tlengine._train import amp_dtype
 
         return digest("features", FORMAT, self.backbone_id, self._weights_digest(), split.depth, split.cut, preprocess.to_dict(),
-                      self._images_digest(name), view, None if view is None else (augment, seed), str(amp_dtype(self.device)),
+                      self._images_digest(name), view, None if view is None or augment is None else (augment.key(), seed), str(amp_dtype(self.device)),
                       FEATURE_DTYPE, torch.__version__, timm.__version__)
 
-    def features(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: tuple[int, float],
+    def features(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: Augment | None,
                  seed: int = 0) -> Any:
         """fp16 prefix outputs of every image of split ``name``: the evaluation crop (``view`` ``None``) or
         augmented view ``view`` (what an uncached epoch ``view`` feeds the prefix); ``None`` when they cannot be cached.
@@ -199,15 +199,16 @@ class SearchCaches:
             other = self.splitter.split(depth, preprocess.input_size)
             if other is not None:
                 shallower[self._feature_key(other, name, preprocess, view, augment, seed)] = other
-        augmenter = None if view is None else tensor_augment(preprocess, *augment)
+        augmenter = None if view is None or augment is None else tensor_augment(preprocess, augment)
+        layout = "eval" if augmenter is None else augment.layout
         # decoded first, so that the room left for the extras counts them
-        pixels = None if self.store.path("features", key).is_file() else self.pixels(name, preprocess, "eval" if view is None else "train")
+        pixels = None if self.store.path("features", key).is_file() else self.pixels(name, preprocess, layout)
 
         def fill(out: Any, extras: dict[str, Any] | None = None) -> None:
             nonlocal pixels
             extras = {} if extras is None else extras
             if pixels is None:  # deleted after the check above
-                pixels = self.pixels(name, preprocess, "eval" if view is None else "train")
+                pixels = self.pixels(name, preprocess, layout)
             if pixels is None:
                 raise _Uncached("the decoded images do not fit under the cap")
             base = self.base.to(self.device, memory_format=torch.channels_last)
@@ -247,7 +248,7 @@ class SearchCaches:
                           "such trials run on images")
         return array
 
-    def prepare(self, model: torch.nn.Module, backbone: torch.nn.Module, *, depth: int, preprocess: Preprocess, augment: tuple[int, float],
+    def prepare(self, model: torch.nn.Module, backbone: torch.nn.Module, *, depth: int, preprocess: Preprocess, augment: Augment,
                 mixup: bool, batch_size: int, epochs: int, shuffle_seed: int, augment_seed: int, first_epoch: int = 0,
                 count: bool = True) -> Prepared | None:
         """The model and loaders for one trial; ``None``: use the plain, uncached path.
@@ -272,11 +273,13 @@ class SearchCaches:
         elif depth > 0:
             self.say_once("caches: trials with mixup or cutmix run on images (they mix images, not features)")
         if split is not None:
-            val = self.features(split, "val", preprocess, None, augment)
+            val = self.features(split, "val", preprocess, None, None)
             served = max(1, epochs - first_epoch)
             views = []
+            if augment.identity:  # every epoch sees the evaluation view: one view, the one an exact probe solves on
+                served = 1 if val is not None else 0
             for v in range(min(self.options.views or served, served) if val is not None else 0):
-                views.append(self.features(split, "train", preprocess, first_epoch + v, augment, augment_seed))
+                views.append(self.features(split, "train", preprocess, None if augment.identity else first_epoch + v, augment, augment_seed))
                 if views[-1] is None:  # said why; no use computing the other views
                     break
             if val is not None and views and all(v is not None for v in views):
@@ -288,7 +291,7 @@ class SearchCaches:
                 train = EpochLoader(feature_dataset(views, train_targets), len(train_targets), len(views), batch_size, self.device,
                                     shuffle_seed, first_epoch)
                 return Prepared(cached_model(split.suffix(backbone), model), train, self._val_features[1], True, split.cut)
-        eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, "train")
+        eval_pixels, train_pixels = self.pixels("val", preprocess, "eval"), self.pixels("train", preprocess, augment.layout)
         if eval_pixels is None or train_pixels is None:
             need = images_bytes(len(self.data.val), preprocess.input_size) + images_bytes(len(self.data.train), preprocess.resize)
             size = f"{need / 1e9:.1f} GB" if need >= 1e9 else f"{max(1, round(need / 1e6))} MB"
@@ -310,8 +313,8 @@ class SearchCaches:
         if split is None or len(split.feature_shape) != 1:
             return None
         self.trials += count
-        val = self.features(split, "val", preprocess, None, (0, 0.0))
-        train = self.features(split, "train", preprocess, None, (0, 0.0)) if val is not None else None
+        val = self.features(split, "val", preprocess, None, None)
+        train = self.features(split, "train", preprocess, None, None) if val is not None else None
         if train is None:
             return None
         self.trials_on_features += count

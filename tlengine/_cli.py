@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", help="accuracy, macro_f1, balanced_accuracy, top5 (classification); rmse, mae, r2 (regression)")
     s.add_argument("--objectives", help="METRIC,latency or METRIC,params: a Pareto front of the metric vs ONNX CPU latency (ms) or parameters (millions)")
     s.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
+    s.add_argument("--eval-crop", help="how evaluation and the exported model crop: center (timm's crop_pct), whole (the whole "
+                   "image, resized), or auto: whichever a linear probe on the frozen features scores better with (default: auto)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     s.add_argument("--sampler", help="tpe (multivariate), random, or grid over every searched value (default: tpe)")
@@ -191,20 +193,31 @@ def _resume_command(argv: Sequence[str]) -> str:
 
 
 #: Short column names of the results table, so that it reads in 80 columns.
-SHORT_NAMES = {"layer_decay": "l.decay", "label_smoothing": "smooth", "weight_decay": "wd", "batch_size": "batch", "image_size": "size",
+SHORT_NAMES = {"layer_decay": "decay", "label_smoothing": "smooth", "weight_decay": "wd", "batch_size": "batch", "image_size": "size",
                "head_epochs": "head ep", "optimizer": "opt", "randaugment": "randaug", "drop_path": "drop", "accuracy": "acc",
-               "balanced_accuracy": "bal.acc", "macro_f1": "f1", "latency": "ms", "params": "M par."}
+               "balanced_accuracy": "bal.acc", "macro_f1": "f1", "latency": "ms", "params": "M par.", "augment": "aug",
+               "head_init": "init"}
+#: The augmentation policies in the results table; a cropping policy's cell adds its crop scale (``crop.42``).
+SHORT_POLICIES = {"none": "none", "flip": "flip", "crop": "crop", "randaugment": "RA"}
 #: Short names of the enqueued recipes.
 SHORT_RECIPES = {"linear probe": "probe", "full fine-tune": "full FT", "head first, then unfreeze": "head→FT"}
 
 
-def _cell(value: Any) -> str:
-    """A parameter value in at most 7 characters: floats below 0.01 as ``1.0e-03``."""
+def _cell(value: Any, name: str = "") -> str:
+    """Parameter ``name``'s value in at most 7 characters: learning rates, and floats below 0.01, as ``1.0e-03``."""
     from tlengine._report import format_value
 
-    if isinstance(value, float) and value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3):
+    if isinstance(value, float) and value != 0 and (name == "lr" or abs(value) < 1e-2 or abs(value) >= 1e3):
         return f"{value:.1e}"
     return format_value(value)
+
+
+def _augment_cell(params: dict[str, Any]) -> str:
+    """The policy, and for a cropping one its crop scale: ``flip``, ``crop.42``, ``RA.8``."""
+    policy = params.get("augment")
+    scale = params.get("crop_scale")
+    cell = SHORT_POLICIES.get(policy, str(policy or ""))
+    return f"{cell}{f'{scale:.2f}'.lstrip('0')}" if scale is not None and policy in ("crop", "randaugment") else cell
 
 
 def results_table(result: SearchResult) -> Any:
@@ -214,7 +227,7 @@ def results_table(result: SearchResult) -> Any:
 
     table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True, show_edge=False)
-    params = [p for p in result.searched if p != "freeze_depth"]
+    params = [p for p in result.searched if p not in ("freeze_depth", "crop_scale")]  # the crop scale is in the policy's cell
     cost = result.objectives[1:] if result.objectives else ()
     for column in ("#", "recipe", "state", "depth", *params, result.metric, *cost, "ep", "s"):
         table.add_column(SHORT_NAMES.get(column, column.replace("_", " ")), justify="left" if column in ("recipe", "state") else "right",
@@ -229,7 +242,7 @@ def results_table(result: SearchResult) -> Any:
             SHORT_RECIPES.get(row.recipe or "", row.recipe or ""),
             "done" if row.state == "complete" else row.state,
             f"{depth}/{stages}" if depth is not None else "",
-            *(_cell(row.params.get(p)) for p in params),
+            *(_augment_cell(row.params) if p == "augment" else _cell(row.params.get(p), p) for p in params),
             f"{row.score:.4f}" if row.score is not None else "",
             *([f"{row.cost:.3g}" if row.cost is not None else ""] if cost else []),
             str(row.epochs),
@@ -256,7 +269,7 @@ def _print_results(result: SearchResult) -> None:
             pareto.add_column(column.replace("_", " "), justify="right")
         for row in sorted(front, key=lambda r: r.cost):
             pareto.add_row(str(row.number), f"{row.score:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
-                           *(_cell(row.params.get(p)) for p in params))
+                           *(_cell(row.params.get(p), p) for p in params))
         out.print(pareto)
     out.print(f"best: trial {result.best.number}, {result.metric} {result.best.score:.4f}")
     if result.onnx_path is not None:

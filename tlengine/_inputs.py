@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from tlengine._cache import Prepared, SearchCaches
-    from tlengine._loaders import Loader
+    from tlengine._loaders import Augment, Loader
     from tlengine._records import ImageData
 
 
@@ -34,7 +34,7 @@ class InputRequest:
     Attributes:
         depth: Leading backbone stages kept frozen.
         image_size: Input side in pixels.
-        augment: ``(randaugment, hflip)`` of the training augmentation.
+        augment: The training augmentation.
         mixup: Whether mixup or cutmix mixes the training images.
         batch_size: Images per training batch.
         epochs: Epochs the trial trains.
@@ -43,7 +43,7 @@ class InputRequest:
 
     depth: int
     image_size: int
-    augment: tuple[int, float]
+    augment: Augment
     mixup: bool
     batch_size: int
     epochs: int
@@ -114,11 +114,12 @@ class InputSource:
         """The preprocessing at ``image_size`` (what the exported model expects)."""
         return Preprocess.from_data_config(self.data_config, image_size)
 
-    def inputs(self, model: torch.nn.Module, backbone: torch.nn.Module, request: InputRequest) -> TrialInputs:
-        """The model ``fit`` trains and its loaders, for a trial of ``model`` (whose backbone is ``backbone``)."""
+    def inputs(self, model: torch.nn.Module, backbone: torch.nn.Module, request: InputRequest, *, count: bool = True) -> TrialInputs:
+        """The model ``fit`` trains and its loaders, for a trial of ``model`` (whose backbone is ``backbone``);
+        ``count``: ``False`` for a use that is not a trial's (left out of the caches' summary)."""
         size = request.image_size
         early = self.early_size if self.early_size is not None and self.early_size < size else None
-        main = self._prepare(model, backbone, request, size, first_epoch=self.early_epochs if early else 0)
+        main = self._prepare(model, backbone, request, size, first_epoch=self.early_epochs if early else 0, count=count)
         if early is None:
             return TrialInputs(main.model, main.train_loader, main.val_loader, main.features)
         # the first epochs at a lower resolution, with the same model (or the same cached suffix)
@@ -151,11 +152,24 @@ class InputSource:
                      indices: Sequence[int] | None = None) -> torch.Tensor:
         """Pooled features of the validation images (those at ``indices``, else all) at the evaluation crop,
         mirrored left to right when ``flip``."""
+        return self.pooled(backbone, "val", self.preprocess(image_size), indices, flip=flip)
+
+    def pooled(self, backbone: torch.nn.Module, split: str, preprocess: Preprocess, indices: Sequence[int] | None = None, *,
+               flip: bool = False) -> torch.Tensor:
+        """Pooled features of split ``split``'s images (those at ``indices``, else all) through the whole frozen
+        ``backbone`` at ``preprocess``, mirrored when ``flip``; computed here, never cached (for the checks
+        made before the first trial on a few thousand images)."""
         from tlengine._records import Split
 
-        val = self.data.val
-        subset = val if indices is None else Split([val.images[i] for i in indices], [val.targets[i] for i in indices])
-        return self._pooled(backbone, subset, self.preprocess(image_size), flip)
+        part = self.data.train if split == "train" else self.data.val
+        subset = part if indices is None else Split([part.images[i] for i in indices], [part.targets[i] for i in indices])
+        return self._pooled(backbone, subset, preprocess, flip)
+
+    def with_data_config(self, data_config: Mapping[str, Any], *, early: bool = True) -> InputSource:
+        """The same source (same caches) with another preprocessing (a crop the search decided on),
+        and without ``--early-size`` unless ``early``."""
+        return InputSource(self.data, data_config, self.device, self.augment_seed, self.caches,
+                           self.early_size if early else None, self.early_epochs)
 
     def _pooled(self, backbone: torch.nn.Module, split: Any, preprocess: Preprocess, flip: bool = False) -> torch.Tensor:
         import torch

@@ -12,7 +12,8 @@ trains it, so a trial trains on the same images with or without the caches.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tlengine._preprocess import Preprocess, load_image
@@ -277,26 +278,77 @@ def normalize(batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     return batch.to(torch.float32).div(255).sub(mean).div(std)
 
 
-def tensor_augment(preprocess: Preprocess, randaugment: int = 0, hflip: float = 0.5) -> Any:
+#: The augmentation policies of the ``augment`` dimension, lightest first.
+POLICIES = ("none", "flip", "crop", "randaugment")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The training augmentation of one trial.
+
+    Attributes:
+        crop_scale: The smallest area fraction of the random resized crop (its range is
+            ``crop_scale..1``); ``None``: no random crop, the training image is the evaluation view.
+        hflip: Probability of a horizontal flip.
+        randaugment: RandAugment magnitude on timm's 0..10 scale; 0 = off.
+    """
+
+    crop_scale: float | None = 0.5
+    hflip: float = 0.5
+    randaugment: int = 0
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> Augment:
+        """The augmentation of a trial's ``values``: its ``augment`` policy with the policy's own parameters.
+
+        ``none``: the evaluation view as it is; ``flip``: mirrored with probability ``hflip``;
+        ``crop``: a random resized crop of ``crop_scale..1`` of the area, and flips;
+        ``randaugment``: that, then RandAugment at magnitude ``randaugment``.
+        """
+        policy = values.get("augment", "randaugment" if values.get("randaugment") else "crop")
+        cropped = policy in ("crop", "randaugment")
+        return cls(crop_scale=float(values.get("crop_scale", 0.5)) if cropped else None,
+                   hflip=float(values.get("hflip", 0.5)) if policy != "none" else 0.0,
+                   randaugment=int(values.get("randaugment", 0)) if policy == "randaugment" else 0)
+
+    @property
+    def identity(self) -> bool:
+        """Whether every epoch sees the evaluation view unchanged (the frozen stages' outputs are then one view)."""
+        return self.crop_scale is None and not self.hflip and not self.randaugment
+
+    @property
+    def layout(self) -> str:
+        """The decoded images it starts from: ``"eval"`` (the evaluation view) or ``"train"`` (the square it crops)."""
+        return "eval" if self.crop_scale is None else "train"
+
+    def key(self) -> tuple[Any, ...]:
+        """What a cache key of its views needs."""
+        return (self.crop_scale, self.hflip, self.randaugment)
+
+
+def tensor_augment(preprocess: Preprocess, augment: Augment) -> Any:
     """The training augmentation on uint8 tensors (torchvision ``transforms.v2``), cached or not.
 
-    Random resized crop (scale 0.5..1, as timm's training transform uses here), horizontal
-    flip with probability ``hflip``, RandAugment with 2 operations at ``randaugment`` on
-    timm's 0..10 magnitude scale (11 bins; above 10 is clipped, as timm does). torchvision
-    rather than timm's ``create_transform`` because timm's RandAugment works on PIL images
-    only, while this runs on decoded tensors, on the GPU when there is one, with one seed
-    per image (:func:`augment_batch`).
+    A random resized crop of ``crop_scale..1`` of the area of the training square
+    (:func:`train_square`) unless the policy has none, a horizontal flip with probability
+    ``hflip``, RandAugment with 2 operations at ``randaugment`` on timm's 0..10 magnitude
+    scale (11 bins; above 10 is clipped, as timm does). torchvision rather than timm's
+    ``create_transform`` because timm's RandAugment works on PIL images only, while this
+    runs on decoded tensors, on the GPU when there is one, with one seed per image
+    (:func:`augment_batch`).
     """
     from torchvision.transforms import InterpolationMode, v2
 
     interpolation = InterpolationMode(preprocess.interpolation)
-    ops = [v2.RandomResizedCrop(preprocess.input_size, scale=(0.5, 1.0), interpolation=interpolation, antialias=True)]
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip))
-    if randaugment:  # its rotations and shears take nearest or bilinear on tensors
+    ops: list[Any] = []
+    if augment.crop_scale is not None:
+        ops.append(v2.RandomResizedCrop(preprocess.input_size, scale=(augment.crop_scale, 1.0), interpolation=interpolation, antialias=True))
+    if augment.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(augment.hflip))
+    if augment.randaugment:  # its rotations and shears take nearest or bilinear on tensors
         geometric = interpolation if interpolation == InterpolationMode.NEAREST else InterpolationMode.BILINEAR
-        ops.append(v2.RandAugment(num_ops=2, magnitude=min(int(randaugment), 10), num_magnitude_bins=11, interpolation=geometric))
-    return v2.Compose(ops)
+        ops.append(v2.RandAugment(num_ops=2, magnitude=min(int(augment.randaugment), 10), num_magnitude_bins=11, interpolation=geometric))
+    return v2.Compose(ops) if ops else v2.Identity()
 
 
 def image_seed(seed: int, view: int, index: int) -> int:
@@ -428,10 +480,11 @@ def feature_dataset(views: Sequence[Any], targets: torch.Tensor) -> torch.utils.
     return Features()
 
 
-def image_train_loader(split: Split, task: str, preprocess: Preprocess, augment: tuple[int, float], batch_size: int, device: str,
+def image_train_loader(split: Split, task: str, preprocess: Preprocess, augment: Augment, batch_size: int, device: str,
                        *, shuffle_seed: int, augment_seed: int, pixels: Any = None) -> AugmentLoader:
-    """Augmented training batches of ``split``: from decoded ``pixels`` (the training layout) when given,
+    """Augmented training batches of ``split``: from decoded ``pixels`` (in ``augment.layout``) when given,
     else decoding every image each epoch. Both give the same batches."""
     targets = target_tensor(split.targets, task)
-    dataset = uint8_dataset(pixels, targets) if pixels is not None else decoding_dataset(split.images, train_square(preprocess), targets)
-    return AugmentLoader(dataset, batch_size, device, shuffle_seed, tensor_augment(preprocess, *augment), preprocess, augment_seed)
+    crop = preprocess if augment.layout == "eval" else train_square(preprocess)
+    dataset = uint8_dataset(pixels, targets) if pixels is not None else decoding_dataset(split.images, crop, targets)
+    return AugmentLoader(dataset, batch_size, device, shuffle_seed, tensor_augment(preprocess, augment), preprocess, augment_seed)

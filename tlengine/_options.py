@@ -12,6 +12,8 @@ from tlengine._errors import UserError
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 DEFAULT_TRIALS = 20
 DEFAULT_EPOCHS = 5
+#: ``--eval-crop``: decided from the data, timm's centre crop, or the whole image.
+EVAL_CROPS = ("auto", "center", "whole")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class SearchConfig:
     metric: str | None = None
     objectives: tuple[str, ...] | None = None
     class_weights: bool | None = None
+    eval_crop: str | None = None
     sampler: str | None = None
     pruner: str | None = None
     seed: int = 0
@@ -87,7 +90,7 @@ def merged_options(config: SearchConfig, file_search: Mapping[str, Any]) -> dict
     """
     flags = {"trials": config.trials, "epochs": config.epochs, "image_size": config.image_size, "timeout": config.timeout,
              "sampler": config.sampler, "pruner": config.pruner, "metric": config.metric, "class_weights": config.class_weights,
-             "objectives": list(config.objectives) if config.objectives else None}
+             "eval_crop": config.eval_crop, "objectives": list(config.objectives) if config.objectives else None}
     options = {**file_search, **{k: v for k, v in flags.items() if v is not None}}
     check_options(config, options)
     return options
@@ -106,6 +109,9 @@ def check_options(config: SearchConfig, options: Mapping[str, Any]) -> None:
     timeout = options.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise UserError(f"--timeout {timeout}: must be a positive number of seconds")
+    crop = options.get("eval_crop")
+    if crop is not None and crop not in EVAL_CROPS:
+        raise UserError(f"--eval-crop {crop}: expected {', '.join(EVAL_CROPS)}")
     for name, value, option in config.params:
         if option in ("--batch-size", "--weight-decay") and value < (1 if name == "batch_size" else 0):
             raise UserError(f"{option} {value}: must be a {'positive integer' if name == 'batch_size' else 'zero or positive number'}")

@@ -50,6 +50,8 @@ class StudyRecord:
         image_column: ``--image-column`` (reloading the data reads the same column).
         target_column: ``--target-column``.
         flips: What the flip check measured and decided (:class:`tlengine._augment.FlipCheck`), or ``None``.
+        crop: What the crop check measured and decided (:class:`tlengine._augment.CropCheck`), or ``None``.
+        lr_test: The learning-rate range test's curve and suggestion (:class:`tlengine._lrfind.LRTest`), or ``None``.
         max_bad_images: ``--max-bad-images`` (reloading the data drops unreadable images as the search did).
     """
 
@@ -77,6 +79,8 @@ class StudyRecord:
     image_column: str | None = None
     target_column: str | None = None
     flips: Mapping[str, Any] | None = None
+    crop: Mapping[str, Any] | None = None
+    lr_test: Mapping[str, Any] | None = None
 
     #: Fields that define the objective: a study resumed with other values is refused.
     OBJECTIVE = ("backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",

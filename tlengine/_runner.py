@@ -80,6 +80,7 @@ class TrialRunner:
         self.overall, self.should_stop = overall, should_stop
         self.base_state = {k: v.clone() for k, v in setup.base.state_dict().items()}
         self.running: int | None = None
+        self._probe_heads: dict[tuple[int, float], Any] = {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         from tlengine._resume import worker_identity
@@ -89,6 +90,8 @@ class TrialRunner:
         self.claim(trial)
         values = self.sample(trial)
         model, optimizer = self.build(trial, values)
+        if self.lp_ft(values, model):
+            self.start_from_probe(trial, values, model)
         if self.exact_probe(values, model):
             with stage("training"):
                 history = self.probe(trial, values, model)
@@ -134,10 +137,15 @@ class TrialRunner:
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
         """Every value the trial uses: sampled, fixed, or set by its recipe; stored as its ``values`` attribute."""
+        from tlengine._space import active
+
         space, registry = self.setup.space, self.setup.registry
         overrides = trial.user_attrs.get("overrides", {})
-        values = {name: overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial)
-                  for name, dim in space.items() if "." not in name}
+        values: dict[str, Any] = {}
+        for name in sorted((n for n in space if "." not in n), key=lambda n: n != "augment"):  # the policy first: it rules
+            dim = space[name]                                                                 # out the others it does not use
+            values[name] = overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial) if active(values, name) else None
+        values = {name: values[name] for name in space if "." not in name}
         for plugin in (registry.heads[values["head"]], registry.optimizers[values["optimizer"]]):
             values.update({f"{plugin.name}.{p}": space[f"{plugin.name}.{p}"].suggest(trial) for p in plugin.params})
         trial.set_user_attr("values", values)
@@ -163,24 +171,56 @@ class TrialRunner:
         return (values.get("probe", "exact") == "exact" and values["freeze_depth"] >= self.setup.record.stages
                 and type(model.head) is torch.nn.Linear and not (values["mixup"] > 0 or values["cutmix"] > 0))
 
-    def probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> list[EpochResult]:
-        """Solve the trial's linear head on the frozen pooled features (:mod:`tlengine._probe`) and score it
-        on the validation features; one result, reported to the pruner at the last epoch's step."""
+    def lp_ft(self, values: dict[str, Any], model: torch.nn.Module) -> bool:
+        """Whether a trial that trains some stages starts its linear head from the exact probe's solution
+        (``head_init = "probe"``: LP-FT, Kumar et al., 2022)."""
         import torch
 
-        from tlengine._metrics import score
-        from tlengine._probe import Rows, fit_linear_probe, probe_outputs
-        from tlengine._train import EpochResult
+        return (values.get("head_init") == "probe" and values["freeze_depth"] < self.setup.record.stages
+                and type(model.head) is torch.nn.Linear)
 
-        record, started = self.setup.record, time.perf_counter()
-        probe = self.source.probe_features(model.backbone, values["image_size"])
+    def start_from_probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> None:
+        """Copy the exact probe's head into ``model`` (solved once per image size and label smoothing in this process)."""
+        import torch
+
+        key = (values["image_size"], values["label_smoothing"])
+        if key not in self._probe_heads:
+            self._probe_heads[key] = self.solve_head(values, model, self.setup.config.seed, count=False)[0]
+        fit = self._probe_heads[key]
+        with torch.no_grad():
+            model.head.weight.copy_(fit.weight)
+            model.head.bias.copy_(fit.bias)
+        trial.set_user_attr("head_init", {"l2": fit.l2, "inner_score": fit.inner_score})
+
+    def solve_head(self, values: dict[str, Any], model: torch.nn.Module, seed: int, *, count: bool = True) -> tuple[Any, Any]:
+        """The exact linear probe on the frozen pooled features (:mod:`tlengine._probe`) for ``model``'s head,
+        and those features: ``(ProbeFit, ProbeFeatures)``."""
+        import torch
+
+        from tlengine._probe import fit_linear_probe
+
+        record = self.setup.record
+        probe = self.source.probe_features(model.backbone, values["image_size"], count=count)
         targets = probe.train_targets
         if record.task == "regression":  # the head outputs standardised targets
             targets = (targets - model.target_mean) / model.target_std
         weights = None if self.setup.class_weights is None else torch.as_tensor(self.setup.class_weights, dtype=torch.float32)
         fit = fit_linear_probe(probe.train, targets, task=record.task, metric=record.metric, outputs=record.num_outputs,
                                class_weights=weights, label_smoothing=values["label_smoothing"] if record.task == "classification" else 0.0,
-                               seed=self.setup.config.seed + trial.number)
+                               seed=seed)
+        return fit, probe
+
+    def probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> list[EpochResult]:
+        """Solve the trial's linear head on the frozen pooled features and score it on the validation
+        features; one result, reported to the pruner at the last epoch's step."""
+        import torch
+
+        from tlengine._metrics import score
+        from tlengine._probe import Rows, probe_outputs
+        from tlengine._train import EpochResult
+
+        record, started = self.setup.record, time.perf_counter()
+        fit, probe = self.solve_head(values, model, self.setup.config.seed + trial.number)
         with torch.no_grad():
             model.head.weight.copy_(fit.weight)
             model.head.bias.copy_(fit.bias)
@@ -200,9 +240,10 @@ class TrialRunner:
     def request(self, trial: optuna.Trial, values: dict[str, Any]) -> Any:
         """What the trial asks of the input source."""
         from tlengine._inputs import InputRequest
+        from tlengine._loaders import Augment
 
         return InputRequest(
-            depth=values["freeze_depth"], image_size=values["image_size"], augment=(values["randaugment"], values["hflip"]),
+            depth=values["freeze_depth"], image_size=values["image_size"], augment=Augment.of(values),
             mixup=values["mixup"] > 0 or values["cutmix"] > 0, batch_size=values["batch_size"], epochs=self.setup.record.epochs,
             shuffle_seed=self.setup.config.seed + trial.number,
         )

@@ -104,7 +104,7 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
 
     import optuna
 
-    from tlengine._augment import adopt_flips, decide_flips
+    from tlengine._decide import adopt, decide
     from tlengine._inputs import input_source
     from tlengine._setup import make_setup
     from tlengine._study import saved_record
@@ -118,7 +118,7 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
                           early_size=config.early_size, early_epochs=config.early_epochs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     saved = saved_record(setup.storage, setup.study_name)  # a storage that cannot be opened fails here, first
-    setup = adopt_flips(setup, saved) if saved is not None else decide_flips(setup, source, warn)
+    setup, source = adopt(setup, source, saved) if saved is not None else decide(setup, source, warn)
     study = open_search_study(setup, console)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = sum(t.state in done for t in study.trials)
@@ -152,7 +152,7 @@ def open_search_study(setup: SearchSetup, console: rich.console.Console) -> optu
     if created and setup.sampler_name != "grid":
         optimizer_dim = setup.space["optimizer"]
         first_optimizer = optimizer_dim.value if not optimizer_dim.searched else optimizer_dim.choices[0]
-        default_lr = setup.registry.optimizers[first_optimizer].default_lr
+        default_lr = setup.record.lr_test["suggested"] if setup.record.lr_test else setup.registry.optimizers[first_optimizer].default_lr
         for recipe, params, overrides in opening_recipes(setup.space, setup.record.stages, setup.record.epochs, default_lr):
             if optimizer_dim.searched:
                 params["optimizer"] = first_optimizer

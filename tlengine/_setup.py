@@ -54,6 +54,7 @@ class SearchSetup:
         run_dir: Its run folder (checkpoints, ONNX model, report).
         storage: The Optuna storage URL.
         workers: Worker processes this command starts on this machine (1: none, it runs the trials itself).
+        eval_crop: ``--eval-crop``: ``auto`` (decided from the data before the first trial), ``center`` or ``whole``.
     """
 
     config: SearchConfig
@@ -76,6 +77,7 @@ class SearchSetup:
     run_dir: Path
     storage: str
     workers: int
+    eval_crop: str = "auto"
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -107,7 +109,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     from tlengine._data import load_data, resolve_dataset
     from tlengine._model import resolve_backbone
     from tlengine._records import DatasetOptions
-    from tlengine._space import read_config
+    from tlengine._space import for_grid, read_config
     from tlengine._stages import backbone_stages
     from tlengine._study import make_pruner, make_sampler
     from tlengine._timing import stage
@@ -122,7 +124,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     dataset = resolve_dataset(registry, config.dataset, config.data)
     sampler_name = options.get("sampler", "tpe")
     make_sampler(sampler_name, config.seed, {}) if sampler_name != "grid" else None  # an unknown name fails before any loading
-    pruner = make_pruner(options.get("pruner", "median"))
+    make_pruner(options.get("pruner", "median"))  # an unknown name fails before any loading
     device = resolve_device(config.device)
     if config.devices and config.worker is None and not torch.cuda.is_available():
         raise UserError(f"--devices {','.join(config.devices)}: CUDA is not available on this machine; use --workers N to run several workers on the CPU")
@@ -146,6 +148,8 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     if not stages:
         raise UserError(f"--backbone {config.backbone}: the backbone has no parameters")
     space = _space(config, registry, file_config["space"], len(stages), data.task, image_size)
+    if sampler_name == "grid":
+        space = for_grid(space)
     _probe_sizes(base, space, config.early_size)
     grid = {name: dim.grid() for name, dim in space.items() if dim.searched} if sampler_name == "grid" else None
     target_mean, target_std, class_weights = _targets(data, bool(options.get("class_weights")))
@@ -164,9 +168,10 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     )
     return SearchSetup(
         config=config, registry=registry, backbone=backbone, dataset=dataset, data=data, base=base, stages=stages, space=space,
-        sampler_name=sampler_name, sampler=make_sampler(sampler_name, config.seed, grid), pruner=pruner,
+        sampler_name=sampler_name, sampler=make_sampler(sampler_name, config.seed, grid), pruner=make_pruner(options.get("pruner", "median"), epochs),
         n_trials=options.get("trials") or suggested.get("trials") or DEFAULT_TRIALS, timeout=options.get("timeout"), device=device,
         record=record, class_weights=class_weights, study_name=study_name, run_dir=run_dir, storage=storage, workers=workers,
+        eval_crop=options.get("eval_crop") or "auto",
     )
 
 

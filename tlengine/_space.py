@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tlengine._errors import UserError, did_you_mean
+from tlengine._loaders import POLICIES
 
 try:
     import tomllib
@@ -38,17 +39,20 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "optimizer": ("adamw", False, "optimizer plugin"),
     "warmup": (0.1, False, "fraction of the training steps spent in linear warmup before the cosine decay"),
     "head_epochs": (0, True, "epochs that train only the head before the chosen stages are unfrozen"),
-    "randaugment": (0, True, "RandAugment magnitude on timm's 0..10 scale (2 operations), 0 = off"),
-    "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label)"),
+    "augment": ("search", False, "training augmentation policy: none, flip, crop (random resized crop + flip), randaugment (crop + flip + RandAugment)"),
+    "crop_scale": ({"low": 0.25, "high": 1.0}, False, "smallest area fraction of the random resized crop (policies crop and randaugment)"),
+    "randaugment": (9, True, "RandAugment magnitude on timm's 0..10 scale (2 operations) of the randaugment policy; 0 = no such policy"),
+    "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label; 0 = no flip policy)"),
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
+    "head_init": ("probe", False, "how a fine-tuned trial's linear head starts: probe = the exact linear probe's solution (LP-FT), random = timm's init"),
     "probe": ("exact", False, "a linear probe (every stage frozen, linear head): exact = solved on the frozen features, sgd = trained by epochs"),
 }
 #: Names people use for these dimensions elsewhere, for "did you mean" hints.
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "freeze": "freeze_depth", "smoothing": "label_smoothing",
            "bs": "batch_size", "lr_decay": "layer_decay", "layer_lr_decay": "layer_decay", "rand_augment": "randaugment",
            "mixup_alpha": "mixup", "cutmix_alpha": "cutmix", "warmup_epochs": "warmup"}
-SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights"}
+SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights", "eval_crop"}
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,8 @@ def build_space(
     if task == "regression":
         _classification_only_at_zero(flat, where, overrides)
     space: dict[str, Dimension] = {}
-    for name, (spec, source) in sorted(flat.items(), key=lambda item: item[0] == "lr"):  # lr after optimizer
+    # lr after optimizer, the policy after the dimensions that can rule policies out
+    for name, (spec, source) in sorted(flat.items(), key=lambda item: (item[0] == "lr", item[0] == "augment")):
         integer = DIMENSIONS[name][1] if name in DIMENSIONS else _is_integer_spec(spec)
         origin = where if source == "config" else options.get(name, "--param") if source == "cli" else "default"
         if spec == "search":
@@ -306,7 +311,50 @@ def _default_range(name: str, source: str, origin: str, space: Mapping[str, Dime
         return Dimension(name, "float", low=min(r[0] for r in ranges), high=max(r[1] for r in ranges), log=True, source=source)
     if name in ("head", "optimizer"):
         return Dimension(name, "categorical", choices=tuple(heads if name == "head" else lr_ranges), source=source)
+    if name == "augment":
+        return policy_dimension(space, source)
     raise UserError(f"{origin}: {name} has no default range; give it a {{low, high}} table or a list")
+
+
+def policy_dimension(space: Mapping[str, Dimension], source: str = "default") -> Dimension:
+    """The ``augment`` dimension's default: every policy except those its parameters rule out
+    (``hflip`` fixed at 0: no ``flip``; ``randaugment`` fixed at 0: no ``randaugment``)."""
+    def off(name: str) -> bool:
+        return space[name].kind == "fixed" and not space[name].value
+
+    choices = tuple(p for p in POLICIES if not (p == "flip" and off("hflip") or p == "randaugment" and off("randaugment")))
+    return Dimension("augment", "categorical", choices=choices, source=source)
+
+
+def light_policy(space: Mapping[str, Dimension]) -> str:
+    """The policy that cannot hurt: ``flip`` where flips may be on, else ``none``."""
+    flips = space["hflip"].searched or bool(space["hflip"].value)
+    return "flip" if flips and (not space["augment"].searched or space["augment"].contains("flip")) else "none"
+
+
+def for_grid(space: Mapping[str, Dimension]) -> dict[str, Dimension]:
+    """``space`` for ``--sampler grid``: the default policy fixed at the light one, so that the grid sweeps what
+    the user asked for (a policy searched by default would multiply it by four and bring a continuous
+    ``crop_scale``), and the dimensions that policy does not use fixed where they are default ranges."""
+    out = dict(space)
+    if out["augment"].source == "default" and out["augment"].searched:
+        out["augment"] = Dimension("augment", "fixed", value=light_policy(out), source="default")
+    policy = {"augment": out["augment"].value} if out["augment"].kind == "fixed" else {}
+    if policy and not active(policy, "crop_scale") and out["crop_scale"].searched and out["crop_scale"].source == "default":
+        out["crop_scale"] = Dimension("crop_scale", "fixed", value=0.5, source="default")
+    return out
+
+
+def active(values: Mapping[str, Any], name: str) -> bool:
+    """Whether dimension ``name`` is used by a trial whose policy is ``values["augment"]`` (the others are not sampled)."""
+    policy = values.get("augment")
+    if name == "crop_scale":
+        return policy in ("crop", "randaugment")
+    if name == "hflip":
+        return policy != "none"
+    if name == "randaugment":
+        return policy == "randaugment"
+    return True
 
 
 def _hint(name: str, known: list[str]) -> str:
@@ -341,6 +389,9 @@ def _check_values(
         "mixup": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "cutmix": (lambda v: isinstance(v, (int, float)) and v >= 0, "zero or positive"),
         "probe": (lambda v: v in ("exact", "sgd"), "exact or sgd"),
+        "head_init": (lambda v: v in ("probe", "random"), "probe or random"),
+        "augment": (lambda v: v in POLICIES, f"a policy: {', '.join(POLICIES)}"),
+        "crop_scale": (lambda v: isinstance(v, (int, float)) and 0.05 <= v <= 1, "an area fraction in [0.05, 1]"),
         "head": (lambda v: v in heads, f"a registered head ({', '.join(heads)})"),
         "optimizer": (lambda v: v in optimizers, f"a registered optimizer ({', '.join(optimizers)})"),
     }
@@ -357,8 +408,10 @@ def opening_recipes(space: dict[str, Any], n_stages: int, epochs: int, default_l
     """The recipes a user would try by hand, as (name, enqueued params, overrides of default-fixed values).
 
     Linear probe; full fine-tuning; and training the head first, then unfreezing
-    everything with a lower learning rate for earlier layers (layer decay 0.7).
+    everything with a lower learning rate for earlier layers (layer decay 0.7). All with
+    a light augmentation policy that cannot hurt: flips where they keep the label, else none.
     """
+    light = {"augment": light_policy(space)}
     recipes = [
         ("linear probe", {"freeze_depth": n_stages, "lr": default_lr * 10, "layer_decay": 1.0, "label_smoothing": 0.0, "head_epochs": 0}),
         ("full fine-tune", {"freeze_depth": 0, "lr": default_lr, "layer_decay": 1.0, "label_smoothing": 0.0, "head_epochs": 0}),
@@ -368,7 +421,7 @@ def opening_recipes(space: dict[str, Any], n_stages: int, epochs: int, default_l
     out = []
     for name, values in recipes:
         params, overrides = {}, {}
-        for key, value in values.items():
+        for key, value in {**values, **light}.items():
             dim = space[key]
             if dim.searched:
                 if dim.kind in ("int", "float"):
