@@ -149,7 +149,7 @@ def test_a_trial_samples_only_what_its_augmentation_policy_uses(tiny_folder: Pat
 
 def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LP-FT: the full fine-tune recipe's linear head starts as the exact linear probe's solution (the probe
-    trial's saved head, bit for bit), solved once; with ``head_init = "random"`` it starts from timm's init."""
+    trial's saved head, bit for bit), solved once; with ``head_init = "random"`` (the default) it starts from timm's init."""
     import torch
     from rich.console import Console
     from safetensors.torch import load_file
@@ -164,7 +164,7 @@ def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, 
         starts.append({k: v.detach().clone() for k, v in model.head.state_dict().items()})
 
     monkeypatch.setattr(TrialRunner, "start_from_probe", spy)
-    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=3)
+    setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=3, param={"head_init": "probe"})
     runner = TrialRunner(setup, study, source_for(setup, True, tmp_path / "cache"), console=Console(quiet=True))
     study.optimize(runner, n_trials=3)
     probe, full, head_first = study.trials[:3]
@@ -176,7 +176,7 @@ def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, 
     assert len(runner._probe_heads) == 1  # one solve for both
 
     starts.clear()
-    setup, study = setup_and_study(tiny_folder, tmp_path / "random", trials=2, param={"head_init": "random"})
+    setup, study = setup_and_study(tiny_folder, tmp_path / "random", trials=2)
     runner = TrialRunner(setup, study, source_for(setup, True, tmp_path / "cache"), console=Console(quiet=True))
     study.optimize(runner, n_trials=2)
     assert not starts and "head_init" not in study.trials[1].user_attrs

@@ -24,7 +24,7 @@ def test_defaults() -> None:
     s = space()
     assert [n for n, d in s.items() if d.searched] == ["freeze_depth", "lr", "layer_decay", "label_smoothing", "augment", "crop_scale"]
     assert s["augment"].choices == ("none", "flip", "crop", "randaugment") and (s["crop_scale"].low, s["crop_scale"].high) == (0.25, 1.0)
-    assert s["head_init"].value == "probe" and s["randaugment"].value == 9
+    assert s["head_init"].value == "random" and s["randaugment"].value == 9
     assert (s["freeze_depth"].low, s["freeze_depth"].high, s["freeze_depth"].kind) == (0, 6, "int")
     assert (s["lr"].low, s["lr"].high, s["lr"].log) == (1e-5, 1e-2, True)
     assert s["head"].value == "linear" and s["optimizer"].value == "adamw" and s["batch_size"].value == 32

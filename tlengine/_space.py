@@ -45,7 +45,7 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
     "hflip": (0.5, False, "probability of a random horizontal flip (0 where flipping changes the label; 0 = no flip policy)"),
     "mixup": (0.0, False, "mixup alpha (timm Mixup), 0 = off; classification only"),
     "cutmix": (0.0, False, "cutmix alpha (timm Mixup), 0 = off; classification only"),
-    "head_init": ("probe", False, "how a fine-tuned trial's linear head starts: probe = the exact linear probe's solution (LP-FT), random = timm's init"),
+    "head_init": ("random", False, "how a fine-tuned trial's linear head starts: random = timm's init, probe = the exact linear probe's solution (LP-FT)"),
     "probe": ("exact", False, "a linear probe (every stage frozen, linear head): exact = solved on the frozen features, sgd = trained by epochs"),
 }
 #: Names people use for these dimensions elsewhere, for "did you mean" hints.
