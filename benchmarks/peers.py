@@ -90,22 +90,10 @@ def _digits(folder: Path, smoke: bool) -> Path:
 
 def _rotation(folder: Path, smoke: bool) -> Path:
     """fashion-mnist-2k images turned by a random angle in [-45, 45]; ``image,angle,split`` (800 / 200 rows)."""
-    import random
+    from search_quality import rotation_csv
 
-    from PIL import Image
-
-    rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = ["image,angle,split"]
-    for split, keep in (("train", 8 if smoke else 80), ("val", 2 if smoke else 20)):
-        for cls in sorted((FASHION / split).iterdir()):
-            for path in sorted(cls.glob("*.png"))[:keep]:
-                angle = rng.uniform(-45, 45)
-                name = f"{split}-{cls.name}-{path.stem}.png"
-                Image.open(path).rotate(angle, resample=Image.Resampling.BILINEAR).save(folder / name)
-                rows.append(f"{name},{angle:.3f},{split}")
-    (folder / "angles.csv").write_text("\n".join(rows) + "\n")
-    return folder / "angles.csv"
+    return rotation_csv(folder, "angle", {"train": 8 if smoke else 80, "val": 2 if smoke else 20})
 
 
 def read_items(data: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[str]]:

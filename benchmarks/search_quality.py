@@ -36,16 +36,22 @@ RECIPES = {
 FIXED = {"layer_decay": 1.0, "label_smoothing": 0.0, "head_epochs": 0}
 
 
-def rotation_csv(folder: Path) -> Path:
-    """Rotate every fashion-mnist-2k image by a random angle; write the images and a CSV of angles."""
+def rotation_csv(folder: Path, column: str = "target", per_class: dict[str, int] | None = None) -> Path:
+    """Rotate every fashion-mnist-2k image (the first ``per_class[split]`` of each class, where given) by a random
+    angle in [-45, 45]; write the images and a CSV ``image,COLUMN,split`` of angles."""
     import random
+    from collections import Counter
 
     from PIL import Image
 
     rng = random.Random(0)
-    rows = ["image,target,split"]
+    rows = [f"image,{column},split"]
     for split in ("train", "val"):
+        taken: Counter[str] = Counter()
         for path in sorted((DATA / split).rglob("*.png")):
+            if per_class is not None and taken[path.parent.name] >= per_class[split]:
+                continue
+            taken[path.parent.name] += 1
             angle = rng.uniform(-45, 45)
             name = f"{split}-{path.parent.name}-{path.stem}.png"
             Image.open(path).rotate(angle, resample=Image.Resampling.BILINEAR).save(folder / name)
