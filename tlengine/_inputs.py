@@ -145,14 +145,8 @@ class InputSource:
         cached = self.caches.probe_features(preprocess, count=count) if self.caches is not None else None
         if cached is not None:
             return ProbeFeatures(cached[0], train_y, cached[1], val_y, "cached")
-        return ProbeFeatures(self._pooled(backbone, self.data.train, preprocess), train_y, self.val_features(backbone, image_size), val_y,
-                             "computed")
-
-    def val_features(self, backbone: torch.nn.Module, image_size: int, *, flip: bool = False,
-                     indices: Sequence[int] | None = None) -> torch.Tensor:
-        """Pooled features of the validation images (those at ``indices``, else all) at the evaluation crop,
-        mirrored left to right when ``flip``."""
-        return self.pooled(backbone, "val", self.preprocess(image_size), indices, flip=flip)
+        return ProbeFeatures(self._pooled(backbone, self.data.train, preprocess), train_y, self._pooled(backbone, self.data.val, preprocess),
+                             val_y, "computed")
 
     def pooled(self, backbone: torch.nn.Module, split: str, preprocess: Preprocess, indices: Sequence[int] | None = None, *,
                flip: bool = False) -> torch.Tensor:
