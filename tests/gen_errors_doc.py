@@ -2,8 +2,8 @@
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import test_errors as t
-COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "its own image size", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)", "raise --max-bad-images", "label/class/target/value/y)", "its header is image, label", "crop, randaugment", "center, whole")
-sections = [("Data", 0, 18), ("Images", 18, 19), ("Names and options", 19, 44), ("Storage and studies", 44, 50), ("Weights and models", 50, 55), ("Environment", 55, 57)]
+COMPLETE_ENDINGS = ("class folders", "file", "found 1", "rows", "UTF-8", "integer", "auto", "none", "UnpicklingError)", "'tlengine search'", "folder", "classes", "header has 2", "(--confine-paths)", "regression targets", "text labels)", "remove the class", "t-shirt", "named after the class", "known: linear, mlp", "csv, demo, imagefolder", "adamw, sgd", "random, tpe", "median, none", "on this machine; use --device cpu or auto", "does not exist", "in DIR/v/train", "DIR/s.db; it has: none", "(did you mean 'trials'?)", "0.01 and 0.0001", "choose another --study-name", "docs/search-space.md", "several workers on the CPU", "its own image size", "gigabytes", "--no-cache", "pass --storage", "(Not a directory)", "raise --max-bad-images", "label/class/target/value/y)", "its header is image, label", "crop, randaugment", "center, whole", "search one backbone", "listed twice", "tpe or random", "at most that", "logme, probe", "tf_efficientnet_lite1")
+sections = [("Data", 0, 18), ("Images", 18, 19), ("Names and options", 19, 44), ("Storage and studies", 44, 50), ("Weights and models", 50, 55), ("Environment", 55, 57), ("Several backbones", 57, 64)]
 out = ["# Errors", "",
 "Every user mistake ends in one line on stderr that names the file or option and says what",
 "to do, with exit code 2 and no traceback (`tlengine --debug ...` shows it). Broken images",
@@ -22,6 +22,9 @@ for title, a, b in sections:
     if title == "Storage and studies":
         out.append("| an existing study made with other options (objective, data, task) | `error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name` |")
         out.append("| an existing study that searched another space | `error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name` |")
+    if title == "Several backbones":
+        out.append("| weights missing for one of several backbones | `warning: --backbone noweights: --weights none: no weights for offline here; left out of the search` (the search goes on with the others; with none left, the error of the last one) |")
+        out.append("| a list of one backbone | `warning: --param backbone: backbone lists one (timm:test_efficientnet): nothing to rank` (searched as `--backbone` alone) |")
     if title == "Environment":
         out.append("| the report cannot be written at the end of a search (here: a file where its folder goes) | `warning: DIR/s/report.html: cannot write the report (File exists); the search's results are kept, draw it again with tlengine report --study-name s --storage sqlite:///DIR/s/study.db` (exit code 0) |")
         out.append("| disk full while writing a checkpoint | `error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume` (the study stays consistent; the same command resumes) |")

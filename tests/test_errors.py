@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, TINY_BACKBONE, write_image_folder
 
 TINY = ["--backbone", TINY_BACKBONE, "--weights", "none", "--trials", "1", "--epochs", "1", "--image-size", "32"]
+TWO = f"{TINY_BACKBONE},timm:resnet10t"
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,23 @@ CASES = [
          "error: --out {tmp}/file/runs: cannot create {tmp}/file/runs/s (Not a directory); choose a writable folder"),
     Case("cache folder not writable", lambda t: (t / "file").write_text("x") and search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--out", f"{t}/runs", "--cache-dir", f"{t}/file/cache"),
          "error: --cache-dir {tmp}/file/cache: cannot create it (Not a directory); choose a writable folder or pass --no-cache"),
+    # several backbones
+    Case("an unknown name in a list of backbones", lambda t: search("--backbone", f"{TINY_BACKBONE},resnet19q"),
+         "error: --backbone: unknown backbone 'resnet19q' (did you mean"),
+    Case("a backbone listed twice", lambda t: search("--backbone", f"{TINY_BACKBONE},test_efficientnet"),
+         "error: --backbone: timm:test_efficientnet is listed twice"),
+    Case("the grid sampler over several backbones", lambda t: search("--backbone", TWO, "--sampler", "grid"),
+         "error: --sampler grid: cannot search several backbones (each has its own freeze depths); use tpe or random"),
+    Case("one weights file for several backbones", lambda t: search("--backbone", TWO, "--weights", f"{t}/w.safetensors"),
+         "error: --weights {tmp}/w.safetensors: one weights file cannot fit 2 backbones; use --weights auto (installed weight packages, "
+         "else the hub) or search one backbone"),
+    Case("a fixed freeze depth deeper than one of the backbones",
+         lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--backbone", TWO, "--param", "freeze_depth=6"),
+         "error: --param freeze_depth: freeze_depth = 6 is deeper than the 5 stages of one of the backbones searched; search it (the default) "
+         "or fix it at most that"),
+    Case("unknown `--rank`", lambda t: search("--backbone", TWO, "--rank", "spearman"), "error: --rank spearman: expected logme, probe"),
+    Case("an empty list of backbones", lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--param", "backbone=[]"),
+         "error: --param backbone []: expected backbone names, e.g. tf_efficientnet_lite0,tf_efficientnet_lite1"),
 ]
 
 
@@ -296,5 +314,7 @@ OTHER_TESTED = {
     "error: --study-name x: this study was made with epochs=1, not 2; rerun with the same options or choose another --study-name": "test_search.py",
     "error: --study-name c: this study searched another space (lr differ); rerun with the same config or choose another --study-name": "test_space.py",
     "error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume": "test_errors.py",
+    "warning: --backbone noweights: --weights none: no weights for offline here; left out of the search": "test_backbones.py",
+    "warning: --param backbone: backbone lists one (timm:test_efficientnet): nothing to rank": "test_backbones.py",
     "warning: DIR/s/report.html: cannot write the report (File exists); the search's results are kept, draw it again with tlengine report --study-name s --storage sqlite:///DIR/s/study.db": "test_report.py",
 }

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def search(
     data: str | Path | None = None,
-    backbone: str = DEFAULT_BACKBONE,
+    backbone: str | Sequence[str] = DEFAULT_BACKBONE,
     trials: int | None = None,
     epochs: int | None = None,
     *,
@@ -42,6 +42,7 @@ def search(
     objectives: str | Sequence[str] | None = None,
     class_weights: bool | None = None,
     eval_crop: str | None = None,
+    rank: str | None = None,
     seed: int = 0,
     device: str = "auto",
     sampler: str | None = None,
@@ -72,7 +73,8 @@ def search(
 
     Args:
         data: Image folder (``train/`` and ``val/``, or class folders) or CSV file; ``None``: the bundled demo.
-        backbone: ``NAME``, ``NAME:ARCH``, or a timm model name.
+        backbone: ``NAME``, ``NAME:ARCH``, or a timm model name; several (a list, or comma-separated) are
+            ranked on their frozen features and searched.
         trials: Total trials in the study (default: the dataset's suggestion, else 20).
         epochs: Epochs per trial (default: the dataset's suggestion, else 5).
         dataset: Dataset plugin (``auto``: chosen from ``data``).
@@ -93,6 +95,7 @@ def search(
         objectives: ``"METRIC,latency"`` or ``"METRIC,params"`` (or a pair): a Pareto front.
         class_weights: Weight the loss by inverse class frequency.
         eval_crop: ``auto``, ``center`` or ``whole``: how evaluation and the exported model crop (``--eval-crop``).
+        rank: ``logme`` or ``probe``: how several backbones are ranked before the first trial (``--rank``).
         seed: Seeds the sampler, the split and every trial.
         device: ``auto``, ``cpu`` or ``cuda``.
         sampler: ``tpe`` (multivariate), ``random`` or ``grid``.
@@ -147,6 +150,8 @@ def search_config(*, param: Mapping[str, Any] | Sequence[str] = (), head: str | 
         if value is not None:
             params.append((name, value, f"--{name.replace('_', '-')}"))
     paths = {k: str(options[k]) for k in ("data", "config", "out", "cache_dir") if options.get(k) is not None}
+    if not isinstance(options.get("backbone", ""), str):  # several backbones, as --backbone takes them
+        paths["backbone"] = ",".join(options["backbone"])
     return SearchConfig(**{**options, **paths}, params=tuple(params), objectives=_listed(objectives), devices=_listed(devices),
                         argv=tuple(argv))
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default="auto", help="dataset plugin (default: auto, chosen from --data)")
     s.add_argument("--task", choices=["classification", "regression"], help="default: the dataset's own (classification)")
     s.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data has no validation split (default: 0.2)")
-    s.add_argument("--backbone", default="timm:tf_efficientnet_lite0", help="NAME, NAME:ARCH, or a timm model name (default: timm:tf_efficientnet_lite0)")
+    s.add_argument("--backbone", default="timm:tf_efficientnet_lite0", help="NAME, NAME:ARCH, or a timm model name; several, comma-separated, are ranked on the frozen "
+                   "features and searched (default: timm:tf_efficientnet_lite0)")
     s.add_argument("--weights", default="auto", help="auto, hub, none, a .pth/.safetensors file, or pkg:DISTRIBUTION (default: auto)")
     s.add_argument("--config", help="TOML file with [search] options and the [space] to search (see docs/search-space.md)")
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
     s.add_argument("--eval-crop", help="how evaluation and the exported model crop: center (timm's crop_pct), whole (the whole "
                    "image, resized), or auto: whichever a linear probe on the frozen features scores better with (default: auto)")
+    s.add_argument("--rank", help="how several backbones are ranked before the first trial: logme (LogME evidence of the frozen "
+                   "features) or probe (the exact linear probe's validation score) (default: logme)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     s.add_argument("--sampler", help="tpe (multivariate), random, or grid over every searched value (default: tpe)")
@@ -227,20 +230,23 @@ def results_table(result: SearchResult) -> Any:
 
     table = Table(title=f"study {result.study_name}: {result.metric} ({result.direction})", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True, show_edge=False)
-    params = [p for p in result.searched if p not in ("freeze_depth", "crop_scale")]  # the crop scale is in the policy's cell
+    params = [p for p in result.searched if p not in ("freeze_depth", "crop_scale", "backbone")]  # the crop scale is in the policy's cell
+    several = "backbone" in result.searched
+    short = result.record.short_names()
     cost = result.objectives[1:] if result.objectives else ()
-    for column in ("#", "recipe", "state", "depth", *params, result.metric, *cost, "ep", "s"):
+    for column in ("#", "recipe", "state", *(["backbone"] if several else []), "depth", *params, result.metric, *cost, "ep", "s"):
         table.add_column(SHORT_NAMES.get(column, column.replace("_", " ")), justify="left" if column in ("recipe", "state") else "right",
                          no_wrap=True)
-    stages = result.record.stages
     for row in result.rows:
         best = result.best is not None and row.number == result.best.number
         front = row.number in result.pareto
-        depth = row.params.get("freeze_depth")
+        depth = row.freeze_depth
+        stages = result.record.for_backbone(row.backbone).stages if row.backbone else result.record.stages
         table.add_row(
             f"{'★' if best else '◆' if front else ''}{row.number}",
             SHORT_RECIPES.get(row.recipe or "", row.recipe or ""),
             "done" if row.state == "complete" else row.state,
+            *([short.get(row.backbone or "", "")] if several else []),
             f"{depth}/{stages}" if depth is not None else "",
             *(_augment_cell(row.params) if p == "augment" else _cell(row.params.get(p), p) for p in params),
             f"{row.score:.4f}" if row.score is not None else "",
@@ -259,6 +265,10 @@ def _print_results(result: SearchResult) -> None:
     out = Console()
     params = [p for p in result.searched if p != "freeze_depth"]
     out.print(results_table(result))
+    if result.record.ranking:
+        from tlengine._rank import Ranking
+
+        out.print("\n".join(Ranking.from_dict(result.record.ranking).lines()), markup=False, highlight=False)
     if result.best is None:
         out.print("no trial completed, so nothing was exported")
         return
@@ -268,7 +278,7 @@ def _print_results(result: SearchResult) -> None:
         for column in ("trial", result.metric, result.objectives[1], "freeze depth", *params):
             pareto.add_column(column.replace("_", " "), justify="right")
         for row in sorted(front, key=lambda r: r.cost):
-            pareto.add_row(str(row.number), f"{row.score:.4f}", f"{row.cost:.3g}", str(row.params.get("freeze_depth", "")),
+            pareto.add_row(str(row.number), f"{row.score:.4f}", f"{row.cost:.3g}", str(row.freeze_depth if row.freeze_depth is not None else ""),
                            *(_cell(row.params.get(p), p) for p in params))
         out.print(pareto)
     out.print(f"best: trial {result.best.number}, {result.metric} {result.best.score:.4f}")

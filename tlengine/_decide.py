@@ -1,6 +1,9 @@
 """What a search decides from its data before the first trial, and what a resumed one reads back.
 
-Three cheap measurements, each printed as one line and kept in the study record:
+With several backbones, they are ranked first (:func:`rank`, :mod:`tlengine._rank`): the
+top-ranked becomes the main one, which the checks below measure and the recipes train,
+and those far below it leave the search. Then three cheap measurements, each printed as
+one line and kept in the study record:
 
 1. the evaluation crop (:func:`tlengine._augment.crop_check`): timm's centre crop or the
    whole image, for evaluation, the training views and the exported model;
@@ -17,7 +20,7 @@ again (:func:`adopt`), so that all its trials share them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,6 +29,53 @@ if TYPE_CHECKING:
     from tlengine._inputs import InputSource
     from tlengine._record import StudyRecord
     from tlengine._setup import SearchSetup
+
+
+def rank(setup: SearchSetup, sources: Mapping[str, InputSource], log: Callable[[str], None]) -> SearchSetup:
+    """``setup`` with its backbones ranked on their frozen features (printed, kept in the record): the best as its
+    main backbone, those far below it out of the ``backbone`` dimension (unless ``--param backbone`` lists them);
+    ``setup`` itself for a search of one backbone."""
+    from tlengine._metrics import maximizes
+    from tlengine._rank import logme, rank_backbones
+    from tlengine._space import Dimension
+
+    if not setup.candidates:
+        return setup
+    record, size, dim = setup.record, _check_size(setup), setup.space["backbone"]
+
+    def score(spec: str) -> tuple[float, str]:
+        probe = sources[spec].probe_features(setup.candidate(spec).base, size, count=False)
+        if setup.rank == "logme":
+            return logme(probe.train, probe.train_targets, task=record.task, outputs=record.num_outputs), probe.source
+        return _probe_score(setup, probe), probe.source
+
+    ranking = rank_backbones(list(dim.choices), score, method=setup.rank, metric="logme" if setup.rank == "logme" else record.metric,
+                             higher_is_better=setup.rank == "logme" or maximizes(record.metric), forced=setup.keep_backbones)
+    for line in ranking.lines():
+        log(f"{setup.label}{line}")
+    kept = ranking.kept
+    backbone = (Dimension("backbone", "categorical", choices=kept, source=dim.source) if len(kept) > 1
+                else Dimension("backbone", "fixed", value=kept[0], source=dim.source))
+    setup = setup.with_main(ranking.best)
+    record = dataclasses.replace(setup.record, ranking=ranking.to_dict(), space={**setup.record.space, "backbone": backbone.to_dict()})
+    return dataclasses.replace(setup, space={**setup.space, "backbone": backbone}, record=record)
+
+
+def _probe_score(setup: SearchSetup, probe: Any) -> float:
+    """The exact linear probe's validation score on ``probe``'s features, in the study's metric."""
+    import torch
+
+    from tlengine._metrics import score
+    from tlengine._probe import Rows, fit_linear_probe, probe_outputs
+
+    record = setup.record
+    mean, std = record.target_mean, record.target_std
+    targets = probe.train_targets if record.task == "classification" else (probe.train_targets - mean) / std
+    weights = None if setup.class_weights is None else torch.as_tensor(setup.class_weights, dtype=torch.float32)
+    fit = fit_linear_probe(probe.train, targets, task=record.task, metric=record.metric, outputs=record.num_outputs,
+                           class_weights=weights, seed=setup.config.seed)
+    val = probe_outputs(Rows(probe.val), fit.weight, fit.bias, record.task)
+    return score(record.metric, val if record.task == "classification" else val * std + mean, probe.val_targets)
 
 
 def decide(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) -> tuple[SearchSetup, InputSource]:
@@ -58,6 +108,13 @@ def adopt(setup: SearchSetup, source: InputSource, saved: StudyRecord) -> tuple[
     """``setup`` and ``source`` with the decisions of the study they resume (``saved``), measured by its first run."""
     from tlengine._space import Dimension
 
+    if saved.ranking is not None and saved.backbone_spec in setup.record.backbones and "backbone" in saved.space:
+        spec = saved.space["backbone"]
+        backbone = Dimension("backbone", **{**spec, "choices": tuple(spec.get("choices", ()))})
+        setup = setup.with_main(saved.backbone_spec)
+        setup = dataclasses.replace(setup, space={**setup.space, "backbone": backbone},
+                                    record=dataclasses.replace(setup.record, ranking=saved.ranking,
+                                                               space={**setup.record.space, "backbone": spec}))
     if saved.data_config.get("crop_pct") != setup.record.data_config.get("crop_pct"):
         setup, source = _with_crop(setup, source, saved.data_config.get("crop_pct") == 1.0, saved.crop)
     space = dict(setup.space)

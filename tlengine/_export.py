@@ -398,6 +398,7 @@ def export_study_trial(
     record = read_record(study)
     data = study_data(registry, record) if data is None else data
     values = trial.user_attrs.get("values", trial.params)
+    record = record.for_values(values)  # the trial's own backbone: its preprocessing and name
     preprocess = Preprocess.from_data_config(record.data_config, values["image_size"])
     images = ValidationImages(data.val.images, data.val.targets, preprocess, record.task == "classification")
     calibration = None

@@ -56,12 +56,13 @@ def resolve_backbone(registry: Registry, spec: str) -> tuple[Backbone, str | Non
 
 def build_trial_model(registry: Registry, record: StudyRecord, values: Mapping[str, Any], *,
                       backbone_state: Mapping[str, torch.Tensor] | None = None, checkpoint: Path | None = None) -> torch.nn.Module:
-    """Build a trial's model: the study's backbone, frozen at the trial's depth, and the head its values name.
+    """Build a trial's model: its backbone, frozen at the trial's depth, and the head its values name.
 
     Args:
         registry: The plugin registry.
         record: The study's record (backbone, task, classes, target statistics).
-        values: Every value the trial used (``head``, ``freeze_depth`` and the head's parameters among them).
+        values: Every value the trial used (``head``, ``freeze_depth`` and the head's parameters among them;
+            ``backbone`` in a search over several).
         backbone_state: The search's base weights for the backbone (a new trial).
         checkpoint: The trial's ``.safetensors`` checkpoint (a finished trial), loaded into the whole model.
 
@@ -71,6 +72,7 @@ def build_trial_model(registry: Registry, record: StudyRecord, values: Mapping[s
     from tlengine._stages import freeze_stages
 
     head_name = values["head"]
+    record = record.for_values(values)
     if record.backbone not in registry.backbones or head_name not in registry.heads:
         raise UserError(f"the trial was made with backbone {record.backbone!r} and head {head_name!r}; install their plugins")
     if checkpoint is not None and not checkpoint.is_file():

@@ -53,6 +53,7 @@ class SearchConfig:
     objectives: tuple[str, ...] | None = None
     class_weights: bool | None = None
     eval_crop: str | None = None
+    rank: str | None = None
     sampler: str | None = None
     pruner: str | None = None
     seed: int = 0
@@ -90,7 +91,7 @@ def merged_options(config: SearchConfig, file_search: Mapping[str, Any]) -> dict
     """
     flags = {"trials": config.trials, "epochs": config.epochs, "image_size": config.image_size, "timeout": config.timeout,
              "sampler": config.sampler, "pruner": config.pruner, "metric": config.metric, "class_weights": config.class_weights,
-             "eval_crop": config.eval_crop, "objectives": list(config.objectives) if config.objectives else None}
+             "eval_crop": config.eval_crop, "rank": config.rank, "objectives": list(config.objectives) if config.objectives else None}
     options = {**file_search, **{k: v for k, v in flags.items() if v is not None}}
     check_options(config, options)
     return options

@@ -26,6 +26,11 @@ class StudyRecord:
     Stored as a JSON dict in the study's user attributes, so any storage holds it and older
     studies (whose dict lacks the newer keys) still read back with their defaults.
 
+    The backbone fields (``backbone``, ``arch``, ``stages``, ``data_config``) name the study's main
+    backbone: its only one, or, when several are searched, the one ranked first (recipes run on it,
+    the checks before the first trial measure it). :meth:`for_values` gives the record a trial of
+    another candidate reads.
+
     Attributes:
         backbone: The backbone plugin's name.
         arch: The architecture it was given (``None`` when the plugin takes none).
@@ -53,6 +58,9 @@ class StudyRecord:
         crop: What the crop check measured and decided (:class:`tlengine._augment.CropCheck`), or ``None``.
         lr_test: The learning-rate range test's curve and suggestion (:class:`tlengine._lrfind.LRTest`), or ``None``.
         max_bad_images: ``--max-bad-images`` (reloading the data drops unreadable images as the search did).
+        candidates: The backbones searched when there are several, as given: ``{"spec", "backbone", "arch",
+            "stages", "data_config"}`` each; empty for a study of one backbone.
+        ranking: How the candidates ranked before the first trial (:class:`tlengine._rank.Ranking`), or ``None``.
     """
 
     backbone: str
@@ -81,15 +89,55 @@ class StudyRecord:
     flips: Mapping[str, Any] | None = None
     crop: Mapping[str, Any] | None = None
     lr_test: Mapping[str, Any] | None = None
+    candidates: tuple[Mapping[str, Any], ...] = ()
+    ranking: Mapping[str, Any] | None = None
 
     #: Fields that define the objective: a study resumed with other values is refused.
     OBJECTIVE = ("backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",
-                 "dataset", "data", "val_fraction", "space", "early", "image_column", "target_column")
+                 "dataset", "data", "val_fraction", "space", "early", "image_column", "target_column", "candidates")
 
     @property
     def backbone_spec(self) -> str:
         """``NAME:ARCH`` (or ``NAME``), as ``--backbone`` takes it."""
         return f"{self.backbone}:{self.arch}" if self.arch else self.backbone
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """Every backbone the study searches, as ``--backbone`` takes them (the main one alone for one)."""
+        return tuple(c["spec"] for c in self.candidates) or (self.backbone_spec,)
+
+    def short_names(self) -> dict[str, str]:
+        """Each backbone's shortest name that tells it from the others: the last words of its architecture
+        (``lite0`` for ``timm:tf_efficientnet_lite0`` beside ``lite1``), for tables and plot legends."""
+        specs = self.backbones
+        words = {spec: spec.rpartition(":")[2].split("_") for spec in specs}
+        for count in range(1, max(len(w) for w in words.values()) + 1):
+            names = {spec: "_".join(w[-count:]) for spec, w in words.items()}
+            if len(set(names.values())) == len(names):
+                return names
+        return {spec: spec for spec in specs}
+
+    def for_backbone(self, spec: str) -> StudyRecord:
+        """This record with candidate ``spec`` as its backbone (its stages and preprocessing; the evaluation
+        crop the search decided applies to every candidate).
+
+        Raises:
+            UserError: ``spec`` is not one of the study's backbones.
+        """
+        if spec == self.backbone_spec:
+            return self
+        found = next((c for c in self.candidates if c["spec"] == spec), None)
+        if found is None:
+            raise UserError(f"backbone {spec!r} is not one of this study's ({', '.join(self.backbones)})")
+        data_config = dict(found["data_config"])
+        if self.data_config.get("crop_pct") == 1.0:
+            data_config["crop_pct"] = 1.0
+        return dataclasses.replace(self, backbone=found["backbone"], arch=found["arch"], stages=found["stages"], data_config=data_config)
+
+    def for_values(self, values: Mapping[str, Any]) -> StudyRecord:
+        """The record a trial with these values reads: :meth:`for_backbone` of its ``backbone``, if it has one."""
+        spec = values.get("backbone")
+        return self if spec is None else self.for_backbone(spec)
 
     @property
     def num_outputs(self) -> int:
@@ -112,6 +160,7 @@ class StudyRecord:
         out = dataclasses.asdict(self)
         out["classes"] = list(self.classes)
         out["objectives"] = list(self.objectives) if self.objectives else None
+        out["candidates"] = [dict(c) for c in self.candidates]
         return out
 
     @classmethod
@@ -121,11 +170,14 @@ class StudyRecord:
         values = {k: v for k, v in raw.items() if k in names}
         values["classes"] = tuple(values.get("classes", ()))
         values["objectives"] = tuple(values["objectives"]) if values.get("objectives") else None
+        values["candidates"] = tuple(values.get("candidates") or ())
         return cls(**values)
 
     def conflict(self, saved: StudyRecord) -> str | None:
         """Why ``saved`` (the study's record) was made for another objective than this one, or ``None``."""
-        mine, theirs = self.to_dict(), saved.to_dict()
+        import json
+
+        mine, theirs = json.loads(json.dumps(self.to_dict())), saved.to_dict()  # tuples as the stored JSON has them: lists
         for key in self.OBJECTIVE:
             if mine[key] == theirs[key]:
                 continue

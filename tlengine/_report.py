@@ -13,8 +13,8 @@ import html
 import io
 import math
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,8 @@ class Board:
         columns: The searched parameters shown after freeze depth and lr.
         rows: The trials: completed ones best first, then running, pruned, failed.
         best: The best trials' numbers (the Pareto front of a multi-objective study).
+        stages_of: Each backbone's stage count, by ``NAME:ARCH``, in a search over several (else empty).
+        short_names: Each backbone's short name (:meth:`~tlengine._record.StudyRecord.short_names`).
     """
 
     study_name: str
@@ -63,11 +65,14 @@ class Board:
     columns: tuple[str, ...]
     rows: tuple[TrialRow, ...]
     best: tuple[int, ...]
+    stages_of: Mapping[str, int] = field(default_factory=dict)
+    short_names: Mapping[str, str] = field(default_factory=dict)
 
     def header(self) -> list[str]:
         """The column titles."""
         cost = [self.cost_name] if self.cost_name else []
-        return ["trial", "recipe", "state", "freeze depth", "lr", *(c.replace("_", " ") for c in self.columns),
+        first = ["backbone"] if "backbone" in self.columns else []
+        return ["trial", "recipe", "state", *first, "freeze depth", "lr", *(c.replace("_", " ") for c in self.columns if c != "backbone"),
                 self.metric, *cost, "epochs", "seconds"]
 
     def cells(self, row: TrialRow) -> list[str]:
@@ -77,8 +82,9 @@ class Board:
         cost = [format_value(row.cost)] if self.cost_name else []
         return [
             f"{mark}{row.number}", row.recipe or "", row.state,
-            f"{row.freeze_depth}/{self.stages}" if row.freeze_depth is not None else "",
-            format_value(row.params.get("lr")), *(format_value(row.params.get(c)) for c in self.columns),
+            *([self.short_names.get(row.backbone or "", row.backbone or "")] if "backbone" in self.columns else []),
+            f"{row.freeze_depth}/{self.stages_of.get(row.backbone, self.stages)}" if row.freeze_depth is not None else "",
+            format_value(row.params.get("lr")), *(format_value(row.params.get(c)) for c in self.columns if c != "backbone"),
             score, *cost, str(row.epochs), f"{row.seconds:.1f}" if row.seconds is not None else "",
         ]
 
@@ -107,12 +113,14 @@ def leaderboard(study: Any) -> Board:
         return rank, -score, row.number not in best, row.number  # ties: the best trial first
 
     rows = sorted(trial_rows(study), key=order)
-    searched = sorted({name for row in rows for name in row.params} - {"freeze_depth", "lr"})
+    searched = sorted({name for row in rows for name in row.params if not name.startswith("freeze_depth")} - {"lr"})
     space = list(record.space)
     columns = tuple(sorted(searched, key=lambda n: (space.index(n) if n in space else len(space), n)))
     return Board(
         study_name=study.study_name, metric=record.metric, direction="maximize" if maximize else "minimize",
         stages=record.stages, cost_name=record.cost, columns=columns, rows=tuple(rows), best=best,
+        stages_of={spec: record.for_backbone(spec).stages for spec in record.backbones} if record.candidates else {},
+        short_names=record.short_names() if record.candidates else {},
     )
 
 
@@ -219,6 +227,7 @@ def write_report(study: optuna.Study, path: Path, *, storage: str = "", registry
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna's matplotlib plots are marked experimental
         warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low `target`")
+        warnings.filterwarnings("ignore", message="Some regimes for parameter")  # a conditional parameter (one backbone's depth)
         plots = _draw_all(study, board, lambda: _best_predictions(study, registry, best_model, data))
     drawn = {p.name for p in plots if p.png is not None}
     partial = path.with_name(f".{path.name}.partial")  # a reader (or another worker) never sees half a page
@@ -335,67 +344,83 @@ def _complete(study: Any) -> list[Any]:
 
 
 def _freeze_depth_plot(board: Board) -> Any:
-    import numpy as np
-
+    """Score against freeze depth: every trial, and a line through the best at each depth; one colour and
+    line per backbone in a search over several."""
     done = [r for r in board.rows if r.score is not None and r.freeze_depth is not None and r.state in ("complete", "pruned")]
     if not done:
         raise _Skip("no trial has a score yet")
     maximize = board.direction == "maximize"
     figure = _figure(11.0, 4.6)
     ax = figure.subplots()
-    by_depth: dict[int, list[TrialRow]] = {}
+    groups: dict[str | None, list[TrialRow]] = {}
     for row in sorted(done, key=lambda r: r.number):
-        by_depth.setdefault(row.freeze_depth, []).append(row)
-    xs, ys, pruned, where = [], [], [], {}
-    for depth, rows in by_depth.items():
-        offsets = np.linspace(-0.18, 0.18, len(rows)) if len(rows) > 1 else [0.0]
-        for row, offset in zip(rows, offsets):
-            where[row.number] = depth + offset
-            if row.final:
-                xs.append(depth + offset)
-                ys.append(row.score)
-            else:
-                pruned.append((depth + offset, row.score))
-    limits = _score_range(ys) if ys else None
+        groups.setdefault(row.backbone if board.stages_of else None, []).append(row)
+    finals = [r.score for r in done if r.final]
+    limits = _score_range(finals) if finals else None
     if limits:  # the completed trials set the scale; a pruned trial far off it sits on the edge, marked ▼ or ▲
         ax.set_ylim(*limits)
+    colours = ("#348ABD", "#E24A33", "#988ED5", "#8EBA42", "#FBC15E", "#777777")
+    width = 0.36 / max(1, len(groups))
+    tops: list[tuple[float, TrialRow]] = []
     labelled: set[str] = set()
-    for x, y in pruned:
-        low, high = limits or (-math.inf, math.inf)
-        inset = 0.02 * (high - low) if limits else 0.0
-        clipped = y if low <= y <= high else low + inset if y < low else high - inset
-        marker = "x" if clipped == y else "v" if y < low else "^"
-        label = "pruned (score when stopped)" if clipped == y else "pruned, off the scale"
-        ax.scatter([x], [clipped], marker=marker, color="#888888", s=40, zorder=2, clip_on=False,
-                   label=None if label in labelled else label)
-        labelled.add(label)
-        if clipped != y:
-            ax.annotate(f"{y:.3g}", (x, clipped), textcoords="offset points", xytext=(6, 4 if y < low else -10), fontsize=8, color="#666666")
-    ax.scatter(xs, ys, color="#348ABD", s=40, alpha=0.8, label="completed trial", zorder=3)
-    bests = {}
-    for depth, rows in by_depth.items():
-        finished = [r for r in rows if r.final]
-        if finished:
-            bests[depth] = (max if maximize else min)(finished, key=lambda r: r.score)
-    stars = [bests[d] for d in sorted(bests)]
-    ax.plot([where[r.number] for r in stars], [r.score for r in stars], color="#E24A33", alpha=0.6, zorder=2)
-    ax.scatter([where[r.number] for r in stars], [r.score for r in stars], marker="*", s=260, color="#E24A33", edgecolor="black",
-               linewidth=0.6, label="best at this depth", zorder=4)
-    if bests:
-        top = (max if maximize else min)(stars, key=lambda r: r.score)
-        ax.annotate(f"trial {top.number}: {top.score:.4f}", (where[top.number], top.score), textcoords="offset points",
+    for g, (backbone, rows) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+        shift = (g - (len(groups) - 1) / 2) * width * 1.2 if len(groups) > 1 else 0.0
+        name = board.short_names.get(backbone or "", backbone) if backbone else None
+        tops += _depth_group(ax, rows, shift, width, limits, maximize, colours[g % len(colours)], name, labelled)
+    if tops:
+        x, top = (max if maximize else min)(tops, key=lambda item: item[1].score)
+        ax.annotate(f"trial {top.number}: {top.score:.4f}", (x, top.score), textcoords="offset points",
                     xytext=(10, -14 if maximize else 10), fontsize=9)
-    stages = max(board.stages, max(by_depth))
+    stages = max([board.stages, *board.stages_of.values(), *(r.freeze_depth for r in done)])
     ax.set_xticks(range(stages + 1))
     labels = [str(d) for d in range(stages + 1)]
-    labels[0], labels[-1] = "0\nfull fine-tune", f"{stages}\nlinear probe"
+    labels[0] = "0\nfull fine-tune"
+    if not board.stages_of:
+        labels[-1] = f"{stages}\nlinear probe"
     ax.set_xticklabels(labels)
     ax.set_xlim(-0.6, stages + 0.6)
-    ax.set_xlabel("freeze depth: frozen stages of the backbone")
+    ax.set_xlabel("freeze depth: frozen stages of the backbone" + (" (each backbone's deepest is its linear probe)" if board.stages_of else ""))
     ax.set_ylabel(f"validation {board.metric}")
     ax.set_title(f"{board.metric} vs freeze depth ({'higher' if maximize else 'lower'} is better)")
     ax.legend(loc="best", fontsize=8)
     return figure
+
+
+def _depth_group(ax: Any, rows: list[TrialRow], shift: float, width: float, limits: tuple[float, float] | None, maximize: bool,
+                 colour: str, name: str | None, labelled: set[str]) -> list[tuple[float, TrialRow]]:
+    """Draw one backbone's trials (offset by ``shift``) and the line through its best at each depth; the stars' places."""
+    import numpy as np
+
+    by_depth: dict[int, list[TrialRow]] = {}
+    for row in rows:
+        by_depth.setdefault(row.freeze_depth, []).append(row)
+    xs, ys, where = [], [], {}
+    for depth, group in by_depth.items():
+        offsets = np.linspace(-width / 2, width / 2, len(group)) if len(group) > 1 else [0.0]
+        for row, offset in zip(group, offsets):
+            x = where[row.number] = depth + shift + offset
+            if row.final:
+                xs.append(x)
+                ys.append(row.score)
+                continue
+            low, high = limits or (-math.inf, math.inf)
+            inset = 0.02 * (high - low) if limits else 0.0
+            y = row.score
+            clipped = y if low <= y <= high else low + inset if y < low else high - inset
+            label = "pruned (score when stopped)" if clipped == y else "pruned, off the scale"
+            ax.scatter([x], [clipped], marker="x" if clipped == y else "v" if y < low else "^", color="#888888", s=40, zorder=2,
+                       clip_on=False, label=None if label in labelled else label)
+            labelled.add(label)
+            if clipped != y:
+                ax.annotate(f"{y:.3g}", (x, clipped), textcoords="offset points", xytext=(6, 4 if y < low else -10), fontsize=8,
+                            color="#666666")
+    ax.scatter(xs, ys, color=colour, s=40, alpha=0.8, label=f"{name}: completed trial" if name else "completed trial", zorder=3)
+    bests = {d: (max if maximize else min)(f, key=lambda r: r.score) for d, g in by_depth.items() if (f := [r for r in g if r.final])}
+    stars = [bests[d] for d in sorted(bests)]
+    ax.plot([where[r.number] for r in stars], [r.score for r in stars], color=colour if name else "#E24A33", alpha=0.6, zorder=2)
+    ax.scatter([where[r.number] for r in stars], [r.score for r in stars], marker="*", s=260, color=colour if name else "#E24A33",
+               edgecolor="black", linewidth=0.6, label=f"{name}: best at this depth" if name else "best at this depth", zorder=4)
+    return [(where[r.number], r) for r in stars]
 
 
 def _score_range(scores: Sequence[float]) -> tuple[float, float]:
@@ -501,7 +526,7 @@ def _best_predictions(study: optuna.Study, registry: Registry | None, model: tor
     values = trial.user_attrs.get("values", trial.params)
     model = inference_model(model if model is not None else build_trial_model(registry, record, values, checkpoint=checkpoint))
     data = data if data is not None else study_data(registry, record)
-    preprocess = Preprocess.from_data_config(record.data_config, values["image_size"])
+    preprocess = Preprocess.from_data_config(record.for_values(values).data_config, values["image_size"])
     images = ValidationImages(data.val.images, data.val.targets, preprocess, record.task == "classification")
     with torch.inference_mode(), stage("report predictions"):  # a batch of images at a time
         outputs = [model(torch.from_numpy(batch)).numpy() for batch, _ in images.batches(64)]
@@ -642,6 +667,26 @@ footer { margin-top: 2rem; color: #888; font-size: 0.85rem; }
 """
 
 
+def _stage_counts(board: Board) -> str:
+    """``5 stages``, or each backbone's: ``lite0 6, lite1 6 stages``."""
+    if not board.stages_of:
+        return f"{board.stages} stages"
+    return ", ".join(f"{board.short_names.get(s, s)} {n}" for s, n in board.stages_of.items()) + " stages"
+
+
+def _ranking_table(raw: Mapping[str, Any]) -> str:
+    """The backbones' ranking before the first trial, as an HTML table."""
+    from tlengine._rank import Ranking
+
+    e = html.escape
+    ranking = Ranking.from_dict(raw)
+    rows = "".join(f'<tr class="{"best" if i == 0 else "" if c.kept else "pruned"}"><td>{i + 1}</td><td class="text">{e(c.backbone)}</td>'
+                   f"<td>{c.score:.4f}</td><td>{c.seconds:.1f}</td><td class=\"text\">{'searched' if c.kept else 'left out'}</td></tr>"
+                   for i, c in enumerate(ranking.candidates))
+    return (f'<h2>Backbones</h2><p class="meta">{e(ranking.lines()[0])}.</p><table><thead><tr><th>rank</th><th>backbone</th>'
+            f"<th>{e(ranking.metric)}</th><th>seconds</th><th>search</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def _page(study: optuna.Study, board: Board, plots: Sequence[Plot], storage: str) -> str:
     """The HTML page: a summary, the plots (images embedded as data URIs) and the leaderboard."""
     from tlengine import __version__
@@ -651,23 +696,25 @@ def _page(study: optuna.Study, board: Board, plots: Sequence[Plot], storage: str
     counts: dict[str, int] = {}
     for row in board.rows:
         counts[row.state] = counts.get(row.state, 0) + 1
-    backbone = record.backbone_spec
+    backbone = record.backbone_spec if not record.candidates else ", ".join(record.backbones)
     task = f"{len(record.classes)} classes" if record.task == "classification" else "regression"
     parts = [
         "<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>tlengine report: {e(study.study_name)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
         f"<h1>Study {e(study.study_name)}</h1>",
-        f'<p class="meta">{e(backbone)} ({board.stages} stages) · {e(record.dataset)} dataset, {e(task)} · '
+        f'<p class="meta">{e(backbone)} ({_stage_counts(board)}) · {e(record.dataset)} dataset, {e(task)} · '
         f'{e(board.metric)} ({e(board.direction)}), {record.epochs} epochs per trial</p>',
         f'<p class="meta">{len(board.rows)} trials: ' + ", ".join(f"{n} {e(s)}" for s, n in counts.items()) + "</p>",
     ]
+    if record.ranking:
+        parts.append(_ranking_table(record.ranking))
     best_rows = [r for r in board.rows if r.number in board.best]
     if best_rows:
         top = best_rows[0]
-        chosen = ", ".join(f"{e(k.replace('_', ' '))} {e(format_value(v))}" for k, v in top.params.items() if k != "freeze_depth")
+        chosen = ", ".join(f"{e(k.replace('_', ' '))} {e(format_value(v))}" for k, v in top.params.items() if not k.startswith("freeze_depth"))
         parts.append(f'<div class="best"><b>Best: trial {top.number}</b>, {e(board.metric)} <b>{top.score:.4f}</b> · '
-                     f"freeze depth {top.freeze_depth}/{board.stages}" + (f" · {chosen}" if chosen else "") +
+                     f"freeze depth {top.freeze_depth}/{board.stages_of.get(top.backbone, board.stages)}" + (f" · {chosen}" if chosen else "") +
                      (f" · recipe: {e(top.recipe)}" if top.recipe else "") + "</div>")
     else:
         parts.append('<div class="note">No trial has completed yet.</div>')

@@ -10,7 +10,7 @@ a :class:`~tlengine._setup.SearchSetup`, a study and an input source, no command
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,8 @@ class TrialRunner:
     Args:
         setup: The search's setup.
         study: The study the trials belong to.
-        source: Where trials get their inputs.
+        source: Where trials get their inputs: one source, or one per backbone (by ``NAME:ARCH``) in a search
+            over several.
         console: Where messages go.
         progress: Progress bars to add each trial's bar to (none shown if ``None``).
         overall: The progress task advanced once per trial, if any.
@@ -69,18 +70,39 @@ class TrialRunner:
         running: The number of the trial this runner runs or ran last (``None`` before the first).
     """
 
-    def __init__(self, setup: SearchSetup, study: optuna.Study, source: InputSource, *, console: rich.console.Console,
+    def __init__(self, setup: SearchSetup, study: optuna.Study, source: InputSource | Mapping[str, InputSource], *, console: rich.console.Console,
                  progress: rich.progress.Progress | None = None, overall: Any = None,
                  should_stop: Callable[[], bool] = lambda: False, deadline: float | None = None) -> None:
         from rich.progress import Progress
 
         self.deadline = deadline
-        self.setup, self.study, self.source, self.console = setup, study, source, console
+        self.sources = dict(source) if isinstance(source, Mapping) else {setup.record.backbone_spec: source}
+        self.setup, self.study, self.source, self.console = setup, study, self.sources[setup.record.backbone_spec], console
         self.progress = progress if progress is not None else Progress(disable=True)
         self.overall, self.should_stop = overall, should_stop
-        self.base_state = {k: v.clone() for k, v in setup.base.state_dict().items()}
+        self._base_states: dict[str, dict[str, torch.Tensor]] = {}
         self.running: int | None = None
-        self._probe_heads: dict[tuple[int, float], Any] = {}
+        self._probe_heads: dict[tuple[str, int, float], Any] = {}
+
+    def base_state(self, values: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The pretrained weights of the trial's backbone, copied once per backbone (trials never change them)."""
+        spec = values.get("backbone", self.setup.record.backbone_spec)
+        if spec not in self._base_states:
+            self._base_states[spec] = {k: v.clone() for k, v in self.setup.candidate(spec).base.state_dict().items()}
+        return self._base_states[spec]
+
+    def input_source(self, values: Mapping[str, Any]) -> InputSource:
+        """Where the trial's inputs come from: its backbone's source."""
+        return self.sources[values.get("backbone", self.setup.record.backbone_spec)]
+
+    def describe(self, values: Mapping[str, Any]) -> str:
+        """``depth 2/5, lr 1.0e-03``, after the architecture in a search over several backbones."""
+        arch = f"{values['backbone'].rpartition(':')[2]}, " if "backbone" in values else ""
+        return f"{arch}depth {values['freeze_depth']}/{self.stages(values)}, lr {values['lr']:.1e}"
+
+    def stages(self, values: Mapping[str, Any]) -> int:
+        """The trial's backbone's stage count (its deepest freeze depth)."""
+        return self.setup.record.for_values(values).stages
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         from tlengine._resume import worker_identity
@@ -96,7 +118,7 @@ class TrialRunner:
             with stage("training"):
                 history = self.probe(trial, values, model)
             return self.finish(trial, values, model, history, None)
-        inputs = self.source.inputs(model, model.backbone, self.request(trial, values))
+        inputs = self.input_source(values).inputs(model, model.backbone, self.request(trial, values))
         for note in inputs.notes:
             self.say(trial, note)
         if inputs.early:
@@ -136,14 +158,20 @@ class TrialRunner:
         raise Surplus(f"the study already has its {n_trials} trials")
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Every value the trial uses: sampled, fixed, or set by its recipe; stored as its ``values`` attribute."""
-        from tlengine._space import active
+        """Every value the trial uses: sampled, fixed, or set by its recipe; stored as its ``values`` attribute.
+
+        The policy goes first (it rules out the dimensions it does not use), and the backbone (in a search over
+        several, each backbone's freeze depth is its own parameter, sampled once the backbone is).
+        """
+        from tlengine._space import active, depth_dimension
 
         space, registry = self.setup.space, self.setup.registry
         overrides = trial.user_attrs.get("overrides", {})
         values: dict[str, Any] = {}
-        for name in sorted((n for n in space if "." not in n), key=lambda n: n != "augment"):  # the policy first: it rules
-            dim = space[name]                                                                 # out the others it does not use
+        for name in sorted((n for n in space if "." not in n), key=lambda n: n not in ("augment", "backbone")):
+            dim = space[name]
+            if name == "freeze_depth" and "backbone" in space:
+                dim = depth_dimension(dim, values["backbone"], self.stages(values))
             values[name] = overrides.get(name, dim.value) if not dim.searched else dim.suggest(trial) if active(values, name) else None
         values = {name: values[name] for name in space if "." not in name}
         for plugin in (registry.heads[values["head"]], registry.optimizers[values["optimizer"]]):
@@ -158,7 +186,7 @@ class TrialRunner:
 
         setup = self.setup
         seed_everything(setup.config.seed + trial.number)
-        model = build_trial_model(setup.registry, setup.record, values, backbone_state=self.base_state)
+        model = build_trial_model(setup.registry, setup.record, values, backbone_state=self.base_state(values))
         opt = setup.registry.optimizers[values["optimizer"]]
         groups = param_groups(model, values["weight_decay"], values["layer_decay"])
         return model, opt.factory(groups, values["lr"], values["weight_decay"], **{p: values[f"{opt.name}.{p}"] for p in opt.params})
@@ -168,7 +196,7 @@ class TrialRunner:
         one linear layer on the pooled features, no mixup or cutmix, no head-only epochs to replay."""
         import torch
 
-        return (values.get("probe", "exact") == "exact" and values["freeze_depth"] >= self.setup.record.stages
+        return (values.get("probe", "exact") == "exact" and values["freeze_depth"] >= self.stages(values)
                 and type(model.head) is torch.nn.Linear and not (values["mixup"] > 0 or values["cutmix"] > 0))
 
     def lp_ft(self, values: dict[str, Any], model: torch.nn.Module) -> bool:
@@ -176,14 +204,14 @@ class TrialRunner:
         (``head_init = "probe"``: LP-FT, Kumar et al., 2022)."""
         import torch
 
-        return (values.get("head_init") == "probe" and values["freeze_depth"] < self.setup.record.stages
+        return (values.get("head_init") == "probe" and values["freeze_depth"] < self.stages(values)
                 and type(model.head) is torch.nn.Linear)
 
     def start_from_probe(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module) -> None:
         """Copy the exact probe's head into ``model`` (solved once per image size and label smoothing in this process)."""
         import torch
 
-        key = (values["image_size"], values["label_smoothing"])
+        key = (values.get("backbone", ""), values["image_size"], values["label_smoothing"])
         if key not in self._probe_heads:
             self._probe_heads[key] = self.solve_head(values, model, self.setup.config.seed, count=False)[0]
         fit = self._probe_heads[key]
@@ -200,7 +228,7 @@ class TrialRunner:
         from tlengine._probe import fit_linear_probe
 
         record = self.setup.record
-        probe = self.source.probe_features(model.backbone, values["image_size"], count=count)
+        probe = self.input_source(values).probe_features(model.backbone, values["image_size"], count=count)
         targets = probe.train_targets
         if record.task == "regression":  # the head outputs standardised targets
             targets = (targets - model.target_mean) / model.target_std
@@ -287,17 +315,17 @@ class TrialRunner:
         from tlengine._train import OutOfMemory, TrainPlan, TrialInterrupted
         from tlengine._train import fit as fit_model
 
-        setup, record = self.setup, self.setup.record
+        setup, record = self.setup, self.setup.record.for_values(values)
         depth, head_epochs = values["freeze_depth"], values["head_epochs"]
         plan = TrainPlan(
             epochs=record.epochs, task=record.task, metric=record.metric, label_smoothing=values["label_smoothing"],
             warmup=values["warmup"], mixup=values["mixup"], cutmix=values["cutmix"], num_classes=record.num_outputs,
             class_weights=setup.class_weights,
         )
-        described = f"depth {depth}/{record.stages}, lr {values['lr']:.1e}"
+        described = self.describe(values)
         checkpoint = setup.run_dir / "trials" / f"{trial.number}.last.safetensors"
         trial.set_user_attr("epoch_checkpoint", str(checkpoint.resolve()))
-        label = f"trial {trial.number} · depth {depth}/{record.stages} · lr {values['lr']:.1e}" + (" · cached" if inputs.on_features else "")
+        label = f"trial {trial.number} · {self.describe(values).replace(', ', ' · ')}" + (" · cached" if inputs.on_features else "")
         steps = max(1, len(inputs.train_loader))
         bar = self.progress.add_task(label, total=record.epochs * steps, completed=(resume.epoch * steps + resume.step) if resume else 0)
 
@@ -367,7 +395,7 @@ class TrialRunner:
             Path(trial.user_attrs["epoch_checkpoint"]).unlink(missing_ok=True)
         if previous is not None:
             previous.unlink(missing_ok=True)
-        described = f"depth {values['freeze_depth']}/{record.stages}, lr {values['lr']:.1e}"
+        described = self.describe(values)
         score = history[-1].score
         if not record.objectives:
             self.say(trial, f"{record.metric} {score:.4f} ({described})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,8 +105,7 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
 
     import optuna
 
-    from tlengine._decide import adopt, decide
-    from tlengine._inputs import input_source
+    from tlengine._decide import adopt, decide, rank
     from tlengine._setup import make_setup
     from tlengine._study import saved_record
     from tlengine._workers import run_workers
@@ -113,12 +113,15 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
     started = time.monotonic()
     setup = make_setup(config, console)
     warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
-    source = input_source(setup.data, setup.record.data_config, setup.device, seed=config.seed, cache=config.cache_options(),
-                          base=setup.base, backbone_id=f"{setup.backbone.name}:{setup.record.arch}", stages=setup.stages, log=warn,
-                          early_size=config.early_size, early_epochs=config.early_epochs)
+    sources = _sources(setup, warn)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     saved = saved_record(setup.storage, setup.study_name)  # a storage that cannot be opened fails here, first
-    setup, source = adopt(setup, source, saved) if saved is not None else decide(setup, source, warn)
+    if saved is None:
+        setup = rank(setup, sources, warn)
+    main = setup.record.backbone_spec if saved is None else saved.backbone_spec
+    setup, source = adopt(setup, sources[main], saved) if saved is not None else decide(setup, sources[main], warn)
+    sources = {spec: source if spec == main else s.with_data_config(setup.record.for_backbone(spec).data_config)
+               for spec, s in sources.items()}
     study = open_search_study(setup, console)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = sum(t.state in done for t in study.trials)
@@ -129,13 +132,26 @@ def _search(config: SearchConfig, console: rich.console.Console) -> SearchResult
     if finished and config.worker is None:
         console.print(f"resuming study [bold]{setup.study_name}[/]: {finished} of {setup.n_trials} trials already finished")
     if remaining:
-        optimize(setup, study, source, remaining, console, deadline=None if setup.timeout is None else started + setup.timeout)
-    if source.summary():
-        warn(f"{setup.label}{source.summary()}")
+        optimize(setup, study, sources, remaining, console, deadline=None if setup.timeout is None else started + setup.timeout)
+    short = setup.record.short_names()
+    for spec, summary in ((spec, s.summary()) for spec, s in sources.items()):
+        if summary:
+            warn(f"{setup.label}{short[spec] + ' ' if len(sources) > 1 else ''}{summary}")
     if config.worker is not None:
         return SearchResult(setup.study_name, setup.storage, setup.run_dir, setup.record, (), None, setup.searched,
                             stages=current_stages())
     return finish(setup, study, console)
+
+
+def _sources(setup: SearchSetup, log: Callable[[str], None]) -> dict[str, InputSource]:
+    """Each backbone's :class:`~tlengine._inputs.InputSource` (its own feature caches), by ``NAME:ARCH``."""
+    from tlengine._inputs import input_source
+
+    config = setup.config
+    return {c.spec: input_source(setup.data, setup.record.for_backbone(c.spec).data_config, setup.device, seed=config.seed, cache=config.cache_options(), base=c.base,
+                                 backbone_id=f"{c.backbone.name}:{c.arch}", stages=c.stages, log=log, early_size=config.early_size,
+                                 early_epochs=config.early_epochs)
+            for c in (setup.candidates or (setup.candidate(setup.record.backbone_spec),))}
 
 
 def open_search_study(setup: SearchSetup, console: rich.console.Console) -> optuna.Study:
@@ -156,11 +172,17 @@ def open_search_study(setup: SearchSetup, console: rich.console.Console) -> optu
         for recipe, params, overrides in opening_recipes(setup.space, setup.record.stages, setup.record.epochs, default_lr):
             if optimizer_dim.searched:
                 params["optimizer"] = first_optimizer
+            if "backbone" in setup.space:  # on the top-ranked backbone, its own freeze-depth parameter
+                main = setup.record.backbone_spec
+                if setup.space["backbone"].searched:
+                    params["backbone"] = main
+                if "freeze_depth" in params:
+                    params[f"freeze_depth[{main}]"] = params.pop("freeze_depth")
             study.enqueue_trial(params, user_attrs={"recipe": recipe, "overrides": overrides})
     return study
 
 
-def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remaining: int, console: rich.console.Console, *,
+def optimize(setup: SearchSetup, study: optuna.Study, sources: Mapping[str, InputSource], remaining: int, console: rich.console.Console, *,
              deadline: float | None = None) -> None:
     """Run trials in this process until the study has its ``--trials`` or ``deadline`` (``time.monotonic()``,
     from ``--timeout``) passes, with progress bars: at the deadline no trial starts, and the running one
@@ -183,7 +205,7 @@ def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remai
     record = setup.record
     console.print(
         f"{setup.label}searching {setup.n_trials} trials of {record.epochs} epochs over {', '.join(setup.searched) or 'nothing'}: "
-        f"{record.backbone_spec} ({record.stages} stages), {len(setup.data.train)} train / {len(setup.data.val)} val images, "
+        f"{_backbones(setup)}, {len(setup.data.train)} train / {len(setup.data.val)} val images, "
         f"{setup.space['image_size'].describe()}px, {record.metric}{' vs ' + record.cost if record.cost else ''}, {setup.device}"
     )
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -197,7 +219,7 @@ def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remai
 
     with Progress(*columns, console=console, transient=False, disable=setup.config.worker is not None) as progress, \
             catch_interrupts(first_interrupt) as stop:
-        runner = TrialRunner(setup, study, source, console=console, progress=progress, overall=progress.add_task("trials", total=remaining),
+        runner = TrialRunner(setup, study, sources, console=console, progress=progress, overall=progress.add_task("trials", total=remaining),
                              should_stop=stop, deadline=deadline)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a surplus trial is not a failure to report
         try:
@@ -212,6 +234,13 @@ def optimize(setup: SearchSetup, study: optuna.Study, source: InputSource, remai
                                     else "stopped at once; the running trial resumes from its last epoch", stop.signum) from exc
         if stop():
             raise SearchInterrupted("stopped between trials", stop.signum)
+
+
+def _backbones(setup: SearchSetup) -> str:
+    """``NAME:ARCH (N stages)``, for each backbone the search trains."""
+    dim = setup.space.get("backbone")
+    specs = [setup.record.backbone_spec] if dim is None else [dim.value] if dim.kind == "fixed" else list(dim.choices)
+    return ", ".join(f"{spec} ({setup.record.for_backbone(spec).stages} stages)" for spec in specs)
 
 
 def finish(setup: SearchSetup, study: optuna.Study, console: rich.console.Console) -> SearchResult:

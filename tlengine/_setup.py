@@ -29,6 +29,32 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One backbone of a search over several.
+
+    Attributes:
+        spec: ``NAME:ARCH`` (or ``NAME``), as ``--backbone`` takes it.
+        backbone: Its plugin.
+        arch: Its architecture.
+        base: Its pretrained weights.
+        stages: Parameter names of each of its stages.
+        data_config: timm's ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``input_size`` of it.
+    """
+
+    spec: str
+    backbone: Backbone
+    arch: str | None
+    base: torch.nn.Module
+    stages: list[list[str]]
+    data_config: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the study record keeps of it."""
+        return {"spec": self.spec, "backbone": self.backbone.name, "arch": self.arch, "stages": len(self.stages),
+                "data_config": {k: self.data_config[k] for k in ("mean", "std", "interpolation", "crop_pct")}}
+
+
+@dataclass(frozen=True)
 class SearchSetup:
     """What a search decided once from its options.
 
@@ -55,6 +81,10 @@ class SearchSetup:
         storage: The Optuna storage URL.
         workers: Worker processes this command starts on this machine (1: none, it runs the trials itself).
         eval_crop: ``--eval-crop``: ``auto`` (decided from the data before the first trial), ``center`` or ``whole``.
+        candidates: Every backbone searched, when there are several (``backbone``, ``base`` and ``stages``
+            are then the main one's: the first listed, the top-ranked once ranked); empty for one.
+        rank: ``[search] rank``: how several backbones are ranked before the first trial (``logme``, ``probe``).
+        keep_backbones: ``--param backbone`` lists them: none is left out for ranking low.
     """
 
     config: SearchConfig
@@ -78,6 +108,24 @@ class SearchSetup:
     storage: str
     workers: int
     eval_crop: str = "auto"
+    candidates: tuple[Candidate, ...] = ()
+    rank: str = "logme"
+    keep_backbones: bool = False
+
+    def candidate(self, spec: str) -> Candidate:
+        """The candidate ``spec`` (the main backbone in a search of one)."""
+        for found in self.candidates:
+            if found.spec == spec:
+                return found
+        return Candidate(self.record.backbone_spec, self.backbone, self.record.arch, self.base, self.stages, self.record.data_config)
+
+    def with_main(self, spec: str) -> SearchSetup:
+        """This setup with candidate ``spec`` as its main backbone (in its fields and its record)."""
+        import dataclasses
+
+        found = self.candidate(spec)
+        record = self.record.for_backbone(spec)
+        return dataclasses.replace(self, backbone=found.backbone, base=found.base, stages=found.stages, record=record)
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -104,13 +152,10 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         UserError: Any mistake in the options, the config file, the plugins or the data.
     """
     import torch
-    from timm.data import resolve_data_config
 
     from tlengine._data import load_data, resolve_dataset
-    from tlengine._model import resolve_backbone
     from tlengine._records import DatasetOptions
-    from tlengine._space import for_grid, read_config
-    from tlengine._stages import backbone_stages
+    from tlengine._space import Dimension, for_grid, read_config
     from tlengine._study import make_pruner, make_sampler
     from tlengine._timing import stage
     from tlengine._train import resolve_device
@@ -119,41 +164,50 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     file_config = read_config(config.config)
     options = merged_options(config, file_config["search"])
     registry = get_registry()
-    backbone, arch = resolve_backbone(registry, config.backbone)
-    _check_plugin_choices(registry, config.params)
+    warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
+    specs, keep_backbones, params = backbone_list(config, file_config["space"], warn)
+    config_space = {k: v for k, v in file_config["space"].items() if k != "backbone"}
+    resolved = _resolve_backbones(registry, specs, config.weights)
+    backbone, arch = resolved[0]
+    _check_plugin_choices(registry, params)
     dataset = resolve_dataset(registry, config.dataset, config.data)
     sampler_name = options.get("sampler", "tpe")
     make_sampler(sampler_name, config.seed, {}) if sampler_name != "grid" else None  # an unknown name fails before any loading
     make_pruner(options.get("pruner", "median"))  # an unknown name fails before any loading
+    rank = _rank_method(options)
+    if len(resolved) > 1 and sampler_name == "grid":
+        raise UserError("--sampler grid: cannot search several backbones (each has its own freeze depths); use tpe or random")
     device = resolve_device(config.device)
     if config.devices and config.worker is None and not torch.cuda.is_available():
         raise UserError(f"--devices {','.join(config.devices)}: CUDA is not available on this machine; use --workers N to run several workers on the CPU")
     torch.manual_seed(config.seed)
     with console.status("loading data and backbone"):
-        warn = lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
         dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths, config.image_column,
                                          config.target_column)
         data = load_data(dataset, config.data, dataset_options, config.max_bad_images, warn)
         with stage("backbone"):
-            base = backbone.factory(arch, config.weights)
+            candidates = _load_candidates(resolved, config.weights, warn)
     objectives, metric = _objectives(options, data.task)
-    data_config = resolve_data_config(model=base)
+    main = candidates[0]
+    backbone, arch, base, data_config = main.backbone, main.arch, main.base, main.data_config
     suggested = dataset.suggested
     image_size = options.get("image_size") or suggested.get("image_size") or data_config["input_size"][-1]
     epochs = options.get("epochs") or suggested.get("epochs") or DEFAULT_EPOCHS
     if config.early_size is not None and config.early_epochs >= epochs:
         raise UserError(f"--early-epochs {config.early_epochs}: must be fewer than the {epochs} epochs per trial (--epochs), "
                         "so that every trial ends at its own image size")
-    stages = backbone_stages(base)
-    if not stages:
-        raise UserError(f"--backbone {config.backbone}: the backbone has no parameters")
-    space = _space(config, registry, file_config["space"], len(stages), data.task, image_size)
+    stages = main.stages
+    space = _space(config, registry, config_space, params, [len(c.stages) for c in candidates], data.task, image_size)
+    if len(candidates) > 1:
+        space = {"backbone": Dimension("backbone", "categorical", choices=tuple(c.spec for c in candidates),
+                                       source="cli" if keep_backbones else "default"), **space}
     if sampler_name == "grid":
         space = for_grid(space)
-    _probe_sizes(base, space, config.early_size)
+    for candidate in candidates:
+        _probe_sizes(candidate.base, space, config.early_size)
     grid = {name: dim.grid() for name, dim in space.items() if dim.searched} if sampler_name == "grid" else None
     target_mean, target_std, class_weights = _targets(data, bool(options.get("class_weights")))
-    study_name = config.study_name or f"{data.name}-{arch or backbone.name}"
+    study_name = config.study_name or f"{data.name}-{arch or backbone.name}" + (f"+{len(candidates) - 1}" if len(candidates) > 1 else "")
     run_dir, storage, workers = _where(config, study_name)
     record = StudyRecord(
         backbone=backbone.name, arch=arch, weights=config.weights, task=data.task, classes=tuple(data.classes), epochs=epochs,
@@ -164,15 +218,109 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         # early rungs at another size score differently: a study keeps one setting
         early={"image_size": config.early_size, "epochs": config.early_epochs} if config.early_size else None,
         confine_paths=config.confine_paths, max_bad_images=config.max_bad_images, image_column=config.image_column,
-        target_column=config.target_column,
+        target_column=config.target_column, candidates=tuple(c.to_dict() for c in candidates) if len(candidates) > 1 else (),
     )
     return SearchSetup(
         config=config, registry=registry, backbone=backbone, dataset=dataset, data=data, base=base, stages=stages, space=space,
         sampler_name=sampler_name, sampler=make_sampler(sampler_name, config.seed, grid), pruner=make_pruner(options.get("pruner", "median"), epochs),
         n_trials=options.get("trials") or suggested.get("trials") or DEFAULT_TRIALS, timeout=options.get("timeout"), device=device,
         record=record, class_weights=class_weights, study_name=study_name, run_dir=run_dir, storage=storage, workers=workers,
-        eval_crop=options.get("eval_crop") or "auto",
+        eval_crop=options.get("eval_crop") or "auto", candidates=tuple(candidates) if len(candidates) > 1 else (),
+        rank=rank, keep_backbones=keep_backbones,
     )
+
+
+def backbone_list(config: SearchConfig, config_space: Mapping[str, Any], warn: Any) -> tuple[list[str], bool, tuple[tuple[str, Any, str], ...]]:
+    """The backbones to search, whether the user listed them as a space dimension (``--param backbone=[...]``:
+    none is left out for ranking low), and the other ``--param`` overrides.
+
+    ``--param backbone`` first, then ``[space] backbone`` in the config, then ``--backbone`` (comma-separated).
+
+    Raises:
+        UserError: An empty list, or one that is not of names.
+    """
+    params = tuple(p for p in config.params if p[0] != "backbone")
+    given = [(value, option) for name, value, option in config.params if name == "backbone"]
+    if given:
+        value, where, keep = given[-1][0], given[-1][1], True
+    elif "backbone" in config_space:
+        value, where, keep = config_space["backbone"], f"--config {config.config}: backbone", False
+    else:
+        value, where, keep = config.backbone, "--backbone", False
+    specs = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, str) and s for s in specs):
+        raise UserError(f"{where} {value!r}: expected backbone names, e.g. tf_efficientnet_lite0,tf_efficientnet_lite1")
+    if len(specs) == 1 and (keep or where != "--backbone"):
+        warn(f"warning: {where.split(':')[0]}: backbone lists one ({specs[0]}): nothing to rank or choose, it is searched alone")
+    return specs, keep, params
+
+
+def _resolve_backbones(registry: Registry, specs: list[str], weights: str) -> list[tuple[Backbone, str | None]]:
+    """Each listed backbone's plugin and architecture.
+
+    Raises:
+        UserError: An unknown name, one listed twice, or one ``--weights`` file for several.
+    """
+    from tlengine._model import resolve_backbone
+
+    resolved, seen = [], set()
+    for spec in specs:
+        backbone, arch = resolve_backbone(registry, spec)
+        canonical = f"{backbone.name}:{arch}" if arch else backbone.name
+        if canonical in seen:
+            raise UserError(f"--backbone: {canonical} is listed twice")
+        seen.add(canonical)
+        resolved.append((backbone, arch))
+    if len(resolved) > 1 and weights not in ("auto", "hub", "none"):
+        raise UserError(f"--weights {weights}: one weights file cannot fit {len(resolved)} backbones; "
+                        "use --weights auto (installed weight packages, else the hub) or search one backbone")
+    return resolved
+
+
+def _load_candidates(resolved: list[tuple[Backbone, str | None]], weights: str, warn: Any) -> list[Candidate]:
+    """Load each backbone's weights and stages; with several, one whose weights cannot be had is left out
+    with a warning (the search goes on with the others).
+
+    Raises:
+        UserError: The only backbone (or every one) cannot be loaded, or has no parameters.
+    """
+    from timm.data import resolve_data_config
+
+    from tlengine._stages import backbone_stages
+
+    candidates, failed = [], []
+    for backbone, arch in resolved:
+        spec = f"{backbone.name}:{arch}" if arch else backbone.name
+        try:
+            base = backbone.factory(arch, weights)
+        except UserError as exc:
+            if len(resolved) == 1:
+                raise
+            failed.append(f"{spec} ({exc})")
+            warn(f"warning: --backbone {spec}: {exc}; left out of the search")
+            continue
+        stages = backbone_stages(base)
+        if not stages:
+            raise UserError(f"--backbone {spec}: the backbone has no parameters")
+        config = resolve_data_config(model=base)
+        candidates.append(Candidate(spec, backbone, arch, base, stages, {k: config[k] for k in ("mean", "std", "interpolation", "crop_pct", "input_size")}))
+    if not candidates:
+        raise UserError(f"--backbone: none of the {len(resolved)} backbones could be loaded; {failed[0]}")
+    return candidates
+
+
+def _rank_method(options: Mapping[str, Any]) -> str:
+    """``[search] rank``, checked.
+
+    Raises:
+        UserError: Not a known ranking method.
+    """
+    from tlengine._rank import RANKERS
+
+    method = options.get("rank", "logme")
+    if method not in RANKERS:
+        raise UserError(f"--rank {method}: expected {', '.join(RANKERS)}")
+    return method
 
 
 def _check_plugin_choices(registry: Registry, params: tuple[tuple[str, Any, str], ...]) -> None:
@@ -199,20 +347,34 @@ def _objectives(options: Mapping[str, Any], task: str) -> tuple[tuple[str, ...] 
     return (tuple(objectives) if objectives else None), check_metric(metric, task)
 
 
-def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, Any], n_stages: int, task: str,
-           image_size: int) -> dict[str, Dimension]:
-    """The search space: the defaults, the config's ``[space]``, then ``--param`` and the dedicated flags."""
+def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, Any], params: tuple[tuple[str, Any, str], ...],
+           stages: list[int], task: str, image_size: int) -> dict[str, Dimension]:
+    """The search space: the defaults, the config's ``[space]``, then ``--param`` and the dedicated flags.
+
+    With several backbones (``stages`` their stage counts), ``freeze_depth`` spans the deepest one's
+    stages; each trial's own depth is cut at its backbone's (:func:`tlengine._space.depth_dimension`),
+    and a fixed depth must fit every backbone.
+
+    Raises:
+        UserError: See :func:`tlengine._space.build_space`; a fixed depth deeper than one of the backbones.
+    """
     from tlengine._space import build_space
 
     plugin_params = {r.name: dict(r.params) for r in [*registry.heads.values(), *registry.optimizers.values()] if r.params}
-    overrides = {name: (value, option) for name, value, option in config.params}
+    overrides = {name: (value, option) for name, value, option in params}
     if config.image_size is not None:
         overrides["image_size"] = (config.image_size, "--image-size")
-    return build_space(
-        config_space, overrides, plugin_params, n_stages=n_stages,
+    space = build_space(
+        config_space, overrides, plugin_params, n_stages=max(stages),
         lr_ranges={name: r.lr_range for name, r in registry.optimizers.items()}, heads=list(registry.heads),
         task=task, where=f"--config {config.config}", image_size=image_size,
     )
+    depth = space["freeze_depth"]
+    if depth.kind == "fixed" and depth.value > min(stages):
+        where = overrides["freeze_depth"][1] if "freeze_depth" in overrides else f"--config {config.config}"
+        raise UserError(f"{where}: freeze_depth = {depth.value} is deeper than the {min(stages)} stages of one of the backbones searched; "
+                        "search it (the default) or fix it at most that")
+    return space
 
 
 def _probe_sizes(base: torch.nn.Module, space: Mapping[str, Dimension], early_size: int | None) -> None:

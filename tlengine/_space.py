@@ -52,7 +52,7 @@ DIMENSIONS: dict[str, tuple[Any, bool, str]] = {
 ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "freeze": "freeze_depth", "smoothing": "label_smoothing",
            "bs": "batch_size", "lr_decay": "layer_decay", "layer_lr_decay": "layer_decay", "rand_augment": "randaugment",
            "mixup_alpha": "mixup", "cutmix_alpha": "cutmix", "warmup_epochs": "warmup"}
-SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights", "eval_crop"}
+SEARCH_KEYS = {"trials", "epochs", "image_size", "timeout", "sampler", "pruner", "metric", "objectives", "class_weights", "eval_crop", "rank"}
 
 
 @dataclass(frozen=True)
@@ -324,6 +324,22 @@ def policy_dimension(space: Mapping[str, Dimension], source: str = "default") ->
 
     choices = tuple(p for p in POLICIES if not (p == "flip" and off("hflip") or p == "randaugment" and off("randaugment")))
     return Dimension("augment", "categorical", choices=choices, source=source)
+
+
+def depth_dimension(dim: Dimension, spec: str, stages: int) -> Dimension:
+    """``freeze_depth`` for a trial on backbone ``spec`` of ``stages`` stages, in a search over several backbones:
+    its own Optuna parameter (``freeze_depth[SPEC]``, sampled after the backbone, define-by-run), every depth of
+    that backbone by default, a range or list the user gave cut at its stage count."""
+    import dataclasses
+
+    name = f"freeze_depth[{spec}]"
+    if dim.kind == "fixed":
+        return dataclasses.replace(dim, name=name)
+    if dim.kind == "categorical":
+        return dataclasses.replace(dim, name=name, choices=tuple(c for c in dim.choices if c <= stages) or (stages,))
+    high = stages if dim.source == "default" else min(int(dim.high), stages)
+    low = min(int(dim.low), high)
+    return dataclasses.replace(dim, name=name, low=low, high=high) if low < high else Dimension(name, "fixed", value=high, source=dim.source)
 
 
 def light_policy(space: Mapping[str, Dimension]) -> str:

@@ -30,6 +30,7 @@ class TrialRow:
         cost: The second objective of a multi-objective study.
         epochs: Epochs run so far.
         seconds: Duration; for a running trial, the time since it started.
+        backbone: ``NAME:ARCH`` of its backbone in a search over several, else ``None``.
     """
 
     number: int
@@ -43,6 +44,7 @@ class TrialRow:
     cost: float | None
     epochs: int
     seconds: float | None
+    backbone: str | None = None
 
 
 def trial_rows(study: optuna.Study) -> list[TrialRow]:
@@ -65,9 +67,11 @@ def trial_rows(study: optuna.Study) -> list[TrialRow]:
             seconds = (now - t.datetime_start).total_seconds()
         else:
             seconds = None
+        backbone = t.params.get("backbone", (values or {}).get("backbone"))
+        depth = t.params.get("freeze_depth", t.params.get(f"freeze_depth[{backbone}]", (values or {}).get("freeze_depth")))
         rows.append(TrialRow(
             number=t.number, state=t.state.name.lower(), recipe=t.user_attrs.get("recipe"),
-            freeze_depth=t.params.get("freeze_depth", (values or {}).get("freeze_depth")), params=dict(t.params), values=values,
+            freeze_depth=depth, params=dict(t.params), values=values, backbone=backbone,
             score=t.values[0] if finished and t.values else last, final=finished,
             cost=t.values[1] if finished and t.values and len(t.values) > 1 else None,
             epochs=len(t.intermediate_values) or len(t.user_attrs.get("history", ())), seconds=seconds,
