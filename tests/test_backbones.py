@@ -43,8 +43,8 @@ def test_backbones_are_ranked_then_searched_each_with_its_own_depths(two_backbon
     stages = {c["spec"]: c["stages"] for c in record.candidates}
     assert stages == {"timm:test_efficientnet": 6, "timm:resnet10t": 5}
     ranking = record.ranking
-    assert ranking["method"] == "logme" and len(ranking["candidates"]) == 2 and ranking["forced"]
-    assert "backbones ranked by LogME" in printed and all(c["backbone"] in printed for c in ranking["candidates"])
+    assert ranking["method"] == "probe" and len(ranking["candidates"]) == 2 and ranking["forced"]
+    assert "backbones ranked by the exact linear probe's validation accuracy" in printed and all(c["backbone"] in printed for c in ranking["candidates"])
     top = ranking["candidates"][0]["backbone"]
     assert record.backbone_spec == top and record.stages == stages[top]  # the main backbone is the top-ranked one
     rows = result.rows
@@ -86,7 +86,7 @@ def test_a_trial_on_each_backbone_exports_and_predicts(two_backbones: Any, tiny_
 def test_report_draws_a_curve_per_backbone_and_the_ranking(two_backbones: Any) -> None:
     result, _, _ = two_backbones
     page = (result.run_dir / "report.html").read_text()
-    assert "<h2>Backbones</h2>" in page and "logme" in page
+    assert "<h2>Backbones</h2>" in page and "exact linear probe" in page
     assert re.search(r'id="fig-freeze_depth"[^>]*><img', page)
     board = __import__("tlengine").show("two", runs=result.run_dir.parent)
     assert board.header()[3] == "backbone" and set(board.stages_of) == {"timm:test_efficientnet", "timm:resnet10t"}
@@ -141,7 +141,7 @@ def test_the_ranking_leaves_out_a_backbone_that_sees_nothing(tiny_folder: Path, 
     register_plugin(Plugin(), "blind-plugin")
     base = ["search", "--data", str(tiny_folder), "--weights", "none", "--trials", "1", "--epochs", "1", "--image-size", "32",
             "--out", str(tmp_path)]
-    assert main([*base, "--backbone", f"blind,{TINY_BACKBONE}", "--study-name", "b"]) == 0
+    assert main([*base, "--backbone", f"blind,{TINY_BACKBONE}", "--study-name", "b", "--rank", "logme"]) == 0
     err = capsys.readouterr().err
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     ranking = summary["config"]["ranking"]
@@ -149,7 +149,7 @@ def test_the_ranking_leaves_out_a_backbone_that_sees_nothing(tiny_folder: Path, 
     assert [c["kept"] for c in ranking["candidates"]] == [True, False]
     assert "left out 1 more than 0.1 below the best" in err and "(left out)" in err
     assert summary["config"]["space"]["backbone"] == {**summary["config"]["space"]["backbone"], "kind": "fixed", "value": TINY_BACKBONE}
-    assert main([*base, "--param", f'backbone=["blind", "{TINY_BACKBONE}"]', "--study-name", "kept", "--rank", "probe"]) == 0
+    assert main([*base, "--param", f'backbone=["blind", "{TINY_BACKBONE}"]', "--study-name", "kept"]) == 0  # ranked by the probe
     summary = json.loads((tmp_path / "kept" / "summary.json").read_text())
     assert summary["config"]["ranking"]["method"] == "probe" and summary["config"]["ranking"]["forced"]
     assert summary["config"]["space"]["backbone"]["choices"] == [TINY_BACKBONE, "blind"]

@@ -95,7 +95,7 @@ def search(
         objectives: ``"METRIC,latency"`` or ``"METRIC,params"`` (or a pair): a Pareto front.
         class_weights: Weight the loss by inverse class frequency.
         eval_crop: ``auto``, ``center`` or ``whole``: how evaluation and the exported model crop (``--eval-crop``).
-        rank: ``logme`` or ``probe``: how several backbones are ranked before the first trial (``--rank``).
+        rank: ``probe`` or ``logme``: how several backbones are ranked before the first trial (``--rank``; default ``probe``).
         seed: Seeds the sampler, the split and every trial.
         device: ``auto``, ``cpu`` or ``cuda``.
         sampler: ``tpe`` (multivariate), ``random`` or ``grid``.

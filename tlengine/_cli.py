@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
     s.add_argument("--eval-crop", help="how evaluation and the exported model crop: center (timm's crop_pct), whole (the whole "
                    "image, resized), or auto: whichever a linear probe on the frozen features scores better with (default: auto)")
-    s.add_argument("--rank", help="how several backbones are ranked before the first trial: logme (LogME evidence of the frozen "
-                   "features) or probe (the exact linear probe's validation score) (default: logme)")
+    s.add_argument("--rank", help="how several backbones are ranked before the first trial: probe (the exact linear probe's "
+                   "validation score on their frozen features) or logme (LogME evidence of those features) (default: probe)")
     s.add_argument("--seed", type=int, default=0, help="default: 0")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     s.add_argument("--sampler", help="tpe (multivariate), random, or grid over every searched value (default: tpe)")

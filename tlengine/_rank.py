@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 #: Ranking methods (``[search] rank``).
-RANKERS = ("logme", "probe")
+RANKERS = ("probe", "logme")
 #: Candidates scoring below the best by more than this are left out of the search: LogME evidence per image
 #: (nats), or the probe's metric (points of accuracy-like metrics, or a fraction of the best for errors).
 MARGINS = {"logme": 0.1, "probe": 0.05}

@@ -83,7 +83,7 @@ class SearchSetup:
         eval_crop: ``--eval-crop``: ``auto`` (decided from the data before the first trial), ``center`` or ``whole``.
         candidates: Every backbone searched, when there are several (``backbone``, ``base`` and ``stages``
             are then the main one's: the first listed, the top-ranked once ranked); empty for one.
-        rank: ``[search] rank``: how several backbones are ranked before the first trial (``logme``, ``probe``).
+        rank: ``[search] rank``: how several backbones are ranked before the first trial (``probe``, ``logme``).
         keep_backbones: ``--param backbone`` lists them: none is left out for ranking low.
     """
 
@@ -109,7 +109,7 @@ class SearchSetup:
     workers: int
     eval_crop: str = "auto"
     candidates: tuple[Candidate, ...] = ()
-    rank: str = "logme"
+    rank: str = "probe"
     keep_backbones: bool = False
 
     def candidate(self, spec: str) -> Candidate:
@@ -317,7 +317,7 @@ def _rank_method(options: Mapping[str, Any]) -> str:
     """
     from tlengine._rank import RANKERS
 
-    method = options.get("rank", "logme")
+    method = options.get("rank", "probe")
     if method not in RANKERS:
         raise UserError(f"--rank {method}: expected {', '.join(RANKERS)}")
     return method
