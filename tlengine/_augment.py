@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-
-    from tlengine._inputs import InputSource
-    from tlengine._record import StudyRecord
-    from tlengine._setup import SearchSetup
 
 
 @dataclass(frozen=True)
