@@ -29,7 +29,12 @@ for title, a, b in sections:
         out.append("| the report cannot be written at the end of a search (here: a file where its folder goes) | `warning: DIR/s/report.html: cannot write the report (File exists); the search's results are kept, draw it again with tlengine report --study-name s --storage sqlite:///DIR/s/study.db` (exit code 0) |")
         out.append("| disk full while writing a checkpoint | `error: DIR/s/trials/1.safetensors: cannot write the checkpoint (No space left on device); finished trials are kept, free some space and run the same command again to resume` (the study stays consistent; the same command resumes) |")
     out.append("")
-out += ["## Plugins", "", "| mistake | message |", "| --- | --- |",
+out += ["## Distillation", "", "| mistake | message |", "| --- | --- |"]
+import test_distill
+for mistake, (_, message) in zip(test_distill.MISTAKES, test_distill.DISTILL_CASES):
+    out.append(f"| {mistake} | `{message}` ... |")
+out += ["| a teacher trained on other classes than the data now has | `error: --study-name c: the teacher was trained on other classes` ... |", "",
+"## Plugins", "", "| mistake | message |", "| --- | --- |",
 "| a plugin that fails to import | `warning: plugin 'tlengine_broken' from package 'tlengine-broken' failed to load and is skipped: ImportError: needs libfoo` (the CLI keeps working) |",
 "| two plugins register the same name | `error: plugins 'heads' and 'clash-plugin' both register the head 'linear'; uninstall one of them or leave one out with TLENGINE_PLUGINS` |", ""]
 open(__import__("pathlib").Path(__file__).parents[1] / "docs" / "errors.md", "w").write("\n".join(out))

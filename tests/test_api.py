@@ -13,8 +13,9 @@ import pytest
 import tlengine
 from conftest import ROOT
 
-#: Command-line options with no keyword: the output format, and what --workers sets for its own processes.
-CLI_ONLY = {"json", "worker"}
+#: Command-line options with no keyword: the output format, and what --workers sets for its own processes
+#: (``tlengine distill``'s workers are searches with its teacher).
+CLI_ONLY = {"json", "worker", "teacher"}
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
@@ -28,9 +29,11 @@ def options(parser: argparse.ArgumentParser) -> dict[str, object]:
     return {a.dest: a.default for a in parser._actions if a.dest not in ("help", *CLI_ONLY)}
 
 
-@pytest.mark.parametrize("command", ["search", "export", "show", "report"])
+@pytest.mark.parametrize("command", ["search", "distill", "export", "show", "report"])
 def test_keywords_are_the_options_with_their_defaults(command: str) -> None:
     cli = options(subparser(command))
+    if command == "distill":  # its --teacher is a keyword, unlike the hidden one of search's workers
+        cli["teacher"] = "best"
     api = {name: p.default for name, p in inspect.signature(getattr(tlengine, command)).parameters.items() if name != "quiet"}
     assert set(api) == set(cli)
     for name, default in cli.items():

@@ -308,6 +308,8 @@ def test_docs_rows_are_cases() -> None:
 
 #: Messages in docs/errors.md tested elsewhere (the file that tests each one).
 OTHER_TESTED = {
+    **{message: "test_distill.py" for _, message in __import__("test_distill").DISTILL_CASES},
+    "error: --study-name c: the teacher was trained on other classes": "test_distill.py",
     "warning: skipped 3 image(s) of 29 (3 unreadable): DIR/train/class1/empty.png (UnidentifiedImageError": "test_images.py",
     "warning: plugin 'tlengine_broken' from package 'tlengine-broken' failed to load and is skipped: ImportError: needs libfoo": "test_plugins.py",
     "error: plugins 'heads' and 'clash-plugin' both register the head 'linear'; uninstall one of them or leave one out with TLENGINE_PLUGINS": "test_plugins.py",

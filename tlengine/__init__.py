@@ -1,14 +1,14 @@
 """tlengine: plugin-based AutoML transfer learning with timm, Optuna and ONNX.
 
-The Python API mirrors the command line: :func:`search`, :func:`export`, :func:`show`
-and :func:`report` take the options of ``tlengine search``, ``export``, ``show`` and
-``report``; :func:`load` opens an exported model for prediction without PyTorch.
+The Python API mirrors the command line: :func:`search`, :func:`distill`, :func:`export`,
+:func:`show` and :func:`report` take the options of ``tlengine search``, ``distill``,
+``export``, ``show`` and ``report``; :func:`load` opens an exported model for prediction without PyTorch.
 
 Heavy libraries (torch, timm, onnx, onnxruntime) are imported only by the
 functions that need them, so ``import tlengine`` stays fast.
 """
 
-from tlengine._api import export, report, search, show
+from tlengine._api import distill, export, report, search, show
 from tlengine._errors import UserError
 from tlengine._export import ExportReport, Parity
 from tlengine._predict import Model, Prediction, load
@@ -43,6 +43,7 @@ __all__ = [
     "TrialRow",
     "UserError",
     "__version__",
+    "distill",
     "export",
     "hookimpl",
     "load",

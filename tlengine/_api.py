@@ -1,4 +1,4 @@
-"""The Python API: ``tlengine.search``, ``export``, ``show`` and ``report``, mirroring the commands.
+"""The Python API: ``tlengine.search``, ``distill``, ``export``, ``show`` and ``report``, mirroring the commands.
 
 Every keyword is the command-line option of the same name, with the same default
 (``image_size`` is ``--image-size``); the command line calls these same functions.
@@ -150,10 +150,117 @@ def search_config(*, param: Mapping[str, Any] | Sequence[str] = (), head: str | 
         if value is not None:
             params.append((name, value, f"--{name.replace('_', '-')}"))
     paths = {k: str(options[k]) for k in ("data", "config", "out", "cache_dir") if options.get(k) is not None}
+    if isinstance(options.get("teacher"), str):  # a distillation worker's --teacher, as worker_argv writes it
+        import json
+
+        from tlengine._distill import TeacherRef
+
+        paths["teacher"] = TeacherRef(**json.loads(options["teacher"]))
     if not isinstance(options.get("backbone", ""), str):  # several backbones, as --backbone takes them
         paths["backbone"] = ",".join(options["backbone"])
     return SearchConfig(**{**options, **paths}, params=tuple(params), objectives=_listed(objectives), devices=_listed(devices),
                         argv=tuple(argv))
+
+
+def distill(
+    study_name: str,
+    student: str | Sequence[str],
+    *,
+    teacher: str = "best",
+    storage: str | None = None,
+    runs: str | Path = "runs",
+    name: str | None = None,
+    trials: int | None = None,
+    epochs: int | None = None,
+    timeout: float | None = None,
+    image_size: int | None = None,
+    weights: str = "auto",
+    config: str | Path | None = None,
+    param: Mapping[str, Any] | Sequence[str] = (),
+    batch_size: int | None = None,
+    device: str = "auto",
+    sampler: str | None = None,
+    pruner: str | None = None,
+    workers: int = 1,
+    devices: str | Sequence[str] | None = None,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    cache_size_gb: float = 4.0,
+    cache_views: int | None = None,
+    quiet: bool = False,
+) -> SearchResult:
+    """Distil a finished study's best trial (or trial N, or its K best) into a student, as ``tlengine distill`` does.
+
+    A new study (``name``, in the same storage rules as a search) trains the student on the teacher's soft
+    targets and the true labels, on the teacher study's data and split, searching ``distill_alpha``,
+    ``distill_temperature``, ``lr`` and the student's freeze depth; its best trial is exported like a
+    search's, with the teacher in its metadata, and compared with the teacher (``result.distillation``).
+    Running it again resumes the study.
+
+    Args:
+        study_name: The teacher's study.
+        student: The student's backbone (``NAME``, ``NAME:ARCH`` or a timm model name).
+        teacher: ``best``, a trial number, or ``top:K`` (the K best trials' outputs averaged).
+        storage: The teacher study's storage URL (default: in ``RUNS/STUDY/``); the student's study goes there too.
+        runs: Where the teacher's default storage lives, and the student's run folder goes.
+        name: The student's study (default ``STUDY-distill-ARCH``).
+        trials: Total student trials (default: 20).
+        epochs: Epochs per student trial (default: the teacher study's).
+        timeout: End after this many seconds, as ``search`` does.
+        image_size: The student's input side in pixels (default: the dataset's suggestion, else the backbone's).
+        weights: The student's pretrained weights, as ``search`` takes them.
+        config: TOML file with ``[search]`` options and the ``[space]`` to search.
+        param: Dimensions to fix or search, as ``search`` takes them (``distill_alpha``, ``distill_temperature`` too).
+        batch_size: Short for ``param={"batch_size": N}``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        sampler: ``tpe``, ``random`` or ``grid``.
+        pruner: ``median``, ``hyperband`` or ``none``.
+        workers: Worker processes on this machine sharing the study.
+        devices: CUDA devices, one worker each.
+        cache: Decode images once and cache frozen-prefix features and the teacher's outputs (``False``: ``--no-cache``).
+        cache_dir: Cache folder.
+        cache_size_gb: Cap on the cache folder.
+        cache_views: Cached augmented views per image for frozen layers (default: one per epoch).
+        quiet: Print nothing.
+
+    Returns:
+        The student study's trials, its best one, its exported model, and ``distillation``: teacher and student
+        side by side.
+
+    Raises:
+        UserError: No such study or trial, a teacher of another task or classes, a student that is the teacher.
+        SearchInterrupted: Ctrl-C; finished trials are kept and the same call resumes.
+    """
+    options = {k: v for k, v in locals().items() if k != "quiet"}
+    from rich.console import Console
+
+    from tlengine._search import run_search
+
+    return run_search(distill_config(**options), Console(stderr=True, quiet=quiet))
+
+
+def distill_config(*, study_name: str, student: str | Sequence[str], teacher: str, storage: str | None, runs: str | Path,
+                   name: str | None, epochs: int | None, argv: Sequence[str] = (), **options: Any) -> SearchConfig:
+    """The :class:`~tlengine._options.SearchConfig` of :func:`distill`'s keywords: a search of the student on the
+    teacher study's data, split, task and metric, with the teacher (the command line makes it the same way).
+
+    Raises:
+        UserError: No such study.
+    """
+    from tlengine._distill import TeacherRef, default_study_name
+    from tlengine._record import read_record
+    from tlengine._study import find_study
+
+    study, url = find_study(study_name, storage, str(runs))
+    record = read_record(study)
+    students = [s.strip() for s in student.split(",")] if isinstance(student, str) else list(student)
+    return search_config(
+        data=record.data, dataset=record.dataset, task=record.task, val_fraction=record.val_fraction, seed=record.seed,
+        backbone=students if len(students) > 1 else students[0], metric=record.metric, class_weights=record.class_weights or None,
+        epochs=epochs or record.epochs, out=runs, study_name=name or default_study_name(study_name, students), storage=storage,
+        max_bad_images=record.max_bad_images, confine_paths=record.confine_paths, image_column=record.image_column,
+        target_column=record.target_column, teacher=TeacherRef(study_name, str(teacher), url, str(runs)), argv=argv, **options,
+    )
 
 
 def _listed(value: str | Sequence[str] | None) -> tuple[str, ...] | None:

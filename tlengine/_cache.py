@@ -143,6 +143,14 @@ class SearchCaches:
     def _split(self, name: str) -> Any:
         return getattr(self.data, name)
 
+    def with_data(self, data: ImageData) -> SearchCaches:
+        """The same caches (same store and images) serving ``data``: the same images with other targets."""
+        import copy
+
+        other = copy.copy(self)
+        other.data = data
+        return other
+
     def _images_digest(self, name: str) -> str:
         if name not in self._digests:
             self._digests[name] = images_digest(self._split(name).images)

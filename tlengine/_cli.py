@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine sharing the study (default: 1); on more machines, start the same command on each with one --storage")
     s.add_argument("--devices", help="CUDA devices, one worker each: 0,1,2,3")
     s.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers for the processes it starts
+    s.add_argument("--teacher", help=argparse.SUPPRESS)  # set by tlengine distill --workers for the processes it starts
     s.add_argument("--max-bad-images", type=float, default=0.01,
                    help="unreadable images tolerated (skipped with a warning): a fraction below 1, or a count (default: 0.01)")
     s.add_argument("--confine-paths", action="store_true", help="refuse CSV image paths outside the CSV's folder")
@@ -92,6 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "rungs (see benchmarks/early_rungs.py for when the ranking holds; default: off)")
     s.add_argument("--early-epochs", type=_positive_int, default=1, help="epochs at --early-size (default: 1)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+    d = sub.add_parser("distill", help="teach a smaller student with a finished trial (or the K best) of a study; export it to ONNX")
+    _study_options(d)
+    d.add_argument("--student", required=True, help="the student's backbone: NAME, NAME:ARCH or a timm model name (several, comma-separated, "
+                   "are ranked and searched as in tlengine search)")
+    d.add_argument("--teacher", default="best", help="best, a trial number, or top:K: the K best trials, their outputs averaged (default: best)")
+    d.add_argument("--name", help="the student's study (default: STUDY-distill-ARCH), in --storage or RUNS/NAME/")
+    d.add_argument("--trials", type=_positive_int, help="total student trials (default: 20)")
+    d.add_argument("--epochs", type=_positive_int, help="epochs per student trial (default: the teacher study's)")
+    d.add_argument("--timeout", type=float, help="end after this many seconds, as tlengine search does")
+    d.add_argument("--image-size", type=_positive_int, help="the student's input side in pixels (default: the dataset's suggestion, else the backbone's)")
+    d.add_argument("--weights", default="auto", help="the student's weights: auto, hub, none, a .pth/.safetensors file, or pkg:DISTRIBUTION (default: auto)")
+    d.add_argument("--config", help="TOML file with [search] options and the [space] to search")
+    d.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix or search one dimension, as tlengine search takes it; also distill_alpha and distill_temperature")
+    d.add_argument("--batch-size", type=_positive_int, help="short for --param batch_size=N (default: 32)")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    d.add_argument("--sampler", help="tpe (multivariate), random, or grid (default: tpe)")
+    d.add_argument("--pruner", help="median, hyperband or none (default: median)")
+    d.add_argument("--workers", type=_positive_int, default=1, help="worker processes on this machine sharing the study (default: 1)")
+    d.add_argument("--devices", help="CUDA devices, one worker each: 0,1,2,3")
+    d.add_argument("--no-cache", dest="cache", action="store_false", help="decode images, run frozen layers and the teacher anew in every trial")
+    d.add_argument("--cache-dir", help="cache folder (default: $TLENGINE_CACHE, else ~/.cache/tlengine)")
+    d.add_argument("--cache-size-gb", type=float, default=4.0, help="cap on the cache folder (default: 4)")
+    d.add_argument("--cache-views", type=int, default=None, help="cached augmented views per image (default: one per epoch)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
     e = sub.add_parser("export", help="export any finished trial of a study to ONNX (optionally fp16 or int8)")
     _study_options(e)
@@ -162,30 +189,64 @@ def _version() -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from tlengine._api import search_config
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
+    return _run_search(args, search_config(**options))
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from tlengine._api import distill_config
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
+    return _run_search(args, distill_config(**options))
+
+
+def _run_search(args: argparse.Namespace, config: Any) -> int:
+    """Run the search (or distillation) ``config`` describes; print its results, or how to resume it."""
     from rich.console import Console
 
-    from tlengine._api import search_config
     from tlengine._search import SearchInterrupted, run_search
     from tlengine.plugins import failures
 
     console = Console(stderr=True)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")}
     try:
-        result = run_search(search_config(**options), console)
+        result = run_search(config, console)
     except SearchInterrupted as exc:
-        if args.worker is None:
+        if config.worker is None:
             console.print(f"\ninterrupted: {exc}; finished trials are kept. Resume with:\n  {_resume_command(args.argv)}",
                           markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     finally:
         _warn_failures(failures)
-    if args.worker is not None:
+    if config.worker is not None:
         return 0
     if args.json:
         print((result.run_dir / "summary.json").read_text(), end="")
         return 0
     _print_results(result)
+    if result.distillation:
+        _print_distillation(result)
     return 0
+
+
+def _print_distillation(result: SearchResult) -> None:
+    """Teacher and best student side by side: score, parameters, ONNX latency at batch 1."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    compared = result.distillation or {}
+    table = Table(title=f"teacher vs student ({result.metric})", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("model", "backbone", result.metric, "params (M)", "ms, batch 1"):
+        table.add_column(column, justify="right" if column not in ("model", "backbone") else "left")
+    teacher, student = compared["teacher"], compared["student"]
+    trials = ",".join(str(n) for n in teacher["trials"])
+    table.add_row(f"teacher {trials}", ",".join(b.rpartition(":")[2] for b in dict.fromkeys(teacher["backbones"])),
+                  f"{teacher['score']:.4f}", f"{teacher['params_m']:.2f}", f"{teacher['latency_ms']:.2f}")
+    table.add_row(f"student {student['trial']}", student["backbone"].rpartition(":")[2], f"{student['score']:.4f}",
+                  f"{student['params_m']:.2f}", f"{student['latency_ms']:.2f}")
+    Console().print(table)
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -448,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    commands = {"search": _cmd_search, "export": _cmd_export, "predict": _cmd_predict, "show": _cmd_show, "report": _cmd_report,
+    commands = {"search": _cmd_search, "distill": _cmd_distill, "export": _cmd_export, "predict": _cmd_predict, "show": _cmd_show, "report": _cmd_report,
                 "plugins": _cmd_plugins}
     try:
         return commands[args.command](args)

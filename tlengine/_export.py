@@ -411,6 +411,7 @@ def export_study_trial(
         "labels": list(record.classes), "task": record.task, "preprocess": preprocess.to_dict(), "backbone": record.backbone_spec,
         "head": values["head"], "params": trial.params, "values": values, "metric": record.metric, "metric_value": trial.values[0],
         "study_name": study.study_name, "trial_number": trial.number, "tlengine_version": version(),
+        **({"teacher": dict(record.teacher)} if record.teacher else {}),
     }
     return export_trial(model, path, metadata, images, variant=variant, calibration=calibration, opset=opset)
 

@@ -165,6 +165,42 @@ class InputSource:
         return InputSource(self.data, data_config, self.device, self.augment_seed, self.caches,
                            self.early_size if early else None, self.early_epochs)
 
+    def for_distillation(self) -> InputSource:
+        """The same source (same caches and images) whose training targets are the images' indices: a distillation
+        loss looks up the teacher's outputs and the true targets by them (:mod:`tlengine._distill`)."""
+        from tlengine._records import Split
+
+        train = Split(self.data.train.images, list(range(len(self.data.train))))
+        data = dataclasses.replace(self.data, train=train)
+        caches = None if self.caches is None else self.caches.with_data(data)
+        return InputSource(data, self.data_config, self.device, self.augment_seed, caches, self.early_size, self.early_epochs)
+
+    def images_digest(self) -> str:
+        """A hash of the training images (paths, sizes and times of files)."""
+        from tlengine._store import images_digest
+
+        return images_digest(self.data.train.images)
+
+    def view_batches(self, preprocess: Preprocess, augment: Augment, view: int, batch_size: int = 64) -> Any:
+        """``(normalised images, indices)`` of every training image, in order, as epoch ``view`` of a trial at
+        ``preprocess`` with ``augment`` sees them (the same seeds, crops and pixels, cached or decoded)."""
+        import numpy as np
+        import torch
+
+        from tlengine._loaders import augment_batch, normalize, tensor_augment, train_square
+
+        pixels = self.caches.pixels("train", preprocess, augment.layout) if self.caches is not None else None
+        crop = preprocess if augment.layout == "eval" else train_square(preprocess)
+        augmenter, images, n = tensor_augment(preprocess, augment), self.data.train.images, len(self.data.train)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            if pixels is not None:
+                x = torch.from_numpy(np.asarray(pixels[start:stop])).permute(0, 3, 1, 2)
+            else:
+                x = torch.stack([torch.from_numpy(crop.pixels(images[i]).copy()).permute(2, 0, 1) for i in range(start, stop)])
+            x = augment_batch(x.to(self.device), range(start, stop), augmenter, self.augment_seed, view)
+            yield normalize(x, preprocess), torch.arange(start, stop)
+
     def _pooled(self, backbone: torch.nn.Module, split: Any, preprocess: Preprocess, flip: bool = False) -> torch.Tensor:
         import torch
 

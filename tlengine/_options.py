@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlengine._errors import UserError
+
+if TYPE_CHECKING:
+    from tlengine._distill import TeacherRef
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 DEFAULT_TRIALS = 20
@@ -33,6 +36,8 @@ class SearchConfig:
         early_size: Train and validate the first ``early_epochs`` epochs of every trial at this
             side in pixels (trials whose image size is not larger keep theirs): cheaper early
             pruning rungs. ``None``: every epoch at the trial's image size.
+        teacher: ``tlengine distill``'s teacher (:class:`tlengine._distill.TeacherRef`): the search is then a
+            distillation study on the teacher study's data and split; ``None`` for ``tlengine search``.
         worker: Set for the worker processes ``--workers`` starts (their number).
         argv: The command line as typed, for the message that tells how to resume.
     """
@@ -73,6 +78,7 @@ class SearchConfig:
     early_epochs: int = 1
     workers: int = 1
     devices: tuple[str, ...] | None = None
+    teacher: TeacherRef | None = None
     worker: int | None = None
     argv: tuple[str, ...] = ()
 
@@ -132,7 +138,7 @@ def check_options(config: SearchConfig, options: Mapping[str, Any]) -> None:
 
 
 #: Fields that are not options of a worker's command line.
-_NOT_FLAGS = ("params", "argv", "worker", "workers", "devices", "storage", "study_name", "cache", "objectives")
+_NOT_FLAGS = ("params", "argv", "worker", "workers", "devices", "storage", "study_name", "cache", "objectives", "teacher")
 
 
 def worker_argv(config: SearchConfig, storage: str, study_name: str, worker: int) -> list[str]:
@@ -154,6 +160,11 @@ def worker_argv(config: SearchConfig, storage: str, study_name: str, worker: int
         argv += ["--objectives", ",".join(config.objectives)]
     for name, value, _ in config.params:
         argv += ["--param", f"{name}={toml_value(value)}"]
+    if config.teacher is not None:  # a distillation study's workers: the same teacher, by its storage URL
+        import dataclasses
+        import json
+
+        argv += ["--teacher", json.dumps(dataclasses.asdict(config.teacher))]
     return [*argv, "--storage", storage, "--study-name", study_name, "--worker", str(worker)]
 
 

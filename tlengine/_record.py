@@ -61,6 +61,8 @@ class StudyRecord:
         candidates: The backbones searched when there are several, as given: ``{"spec", "backbone", "arch",
             "stages", "data_config"}`` each; empty for a study of one backbone.
         ranking: How the candidates ranked before the first trial (:class:`tlengine._rank.Ranking`), or ``None``.
+        teacher: A distillation study's teacher (:meth:`tlengine._distill.Teacher.to_dict`: its study, trials,
+            backbones, scores and checkpoints' digest), or ``None``.
     """
 
     backbone: str
@@ -91,10 +93,12 @@ class StudyRecord:
     lr_test: Mapping[str, Any] | None = None
     candidates: tuple[Mapping[str, Any], ...] = ()
     ranking: Mapping[str, Any] | None = None
+    teacher: Mapping[str, Any] | None = None
 
     #: Fields that define the objective: a study resumed with other values is refused.
     OBJECTIVE = ("backbone", "arch", "weights", "task", "classes", "epochs", "metric", "objectives", "class_weights",
-                 "dataset", "data", "val_fraction", "space", "early", "image_column", "target_column", "candidates")
+                 "dataset", "data", "val_fraction", "space", "early", "image_column", "target_column", "candidates",
+                 "teacher")
 
     @property
     def backbone_spec(self) -> str:

@@ -687,6 +687,23 @@ def _ranking_table(raw: Mapping[str, Any]) -> str:
             f"<th>{e(ranking.metric)}</th><th>seconds</th><th>search</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def _teacher_table(teacher: Mapping[str, Any], compared: Mapping[str, Any] | None) -> str:
+    """A distillation study's teacher, and (once a student completed) teacher and best student side by side."""
+    e = html.escape
+    trials = ", ".join(str(n) for n in teacher["trials"])
+    head = (f'<h2>Teacher</h2><p class="meta">Distilled from trial{"s" if len(teacher["trials"]) > 1 else ""} {e(trials)} of study '
+            f'{e(teacher["study_name"])} ({e(", ".join(dict.fromkeys(teacher["backbones"])))}; {e(teacher["metric"])} '
+            f'{", ".join(f"{s:.4f}" for s in teacher["scores"])}).</p>')
+    if not compared:
+        return head
+    rows = "".join(f'<tr><td class="text">{e(who)}</td><td class="text">{e(b)}</td><td>{m["score"]:.4f}</td><td>{m["params_m"]:.2f}</td>'
+                   f'<td>{m["latency_ms"]:.2f}</td></tr>'
+                   for who, b, m in (("teacher " + trials, ", ".join(dict.fromkeys(compared["teacher"]["backbones"])), compared["teacher"]),
+                                     (f"student {compared['student']['trial']}", compared["student"]["backbone"], compared["student"])))
+    return (head + f'<table><thead><tr><th>model</th><th>backbone</th><th>{e(teacher["metric"])}</th><th>params (M)</th>'
+            f"<th>ONNX ms, batch 1</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def _page(study: optuna.Study, board: Board, plots: Sequence[Plot], storage: str) -> str:
     """The HTML page: a summary, the plots (images embedded as data URIs) and the leaderboard."""
     from tlengine import __version__
@@ -709,6 +726,8 @@ def _page(study: optuna.Study, board: Board, plots: Sequence[Plot], storage: str
     ]
     if record.ranking:
         parts.append(_ranking_table(record.ranking))
+    if record.teacher:
+        parts.append(_teacher_table(record.teacher, study.user_attrs.get("distillation")))
     best_rows = [r for r in board.rows if r.number in board.best]
     if best_rows:
         top = best_rows[0]

@@ -83,6 +83,13 @@ class TrialRunner:
         self._base_states: dict[str, dict[str, torch.Tensor]] = {}
         self.running: int | None = None
         self._probe_heads: dict[tuple[str, int, float], Any] = {}
+        self.distiller = None
+        if setup.teacher is not None:  # the teacher's outputs, computed once per view, kept beside the features
+            from tlengine._distill import Distiller
+
+            caches = self.source.caches
+            self.distiller = Distiller(setup.teacher, setup.registry, setup.device, caches.store if caches is not None else None,
+                                       setup.config.cache_views, log=lambda line: console.print(f"{setup.label}{line}"))
 
     def base_state(self, values: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The pretrained weights of the trial's backbone, copied once per backbone (trials never change them)."""
@@ -118,14 +125,15 @@ class TrialRunner:
             with stage("training"):
                 history = self.probe(trial, values, model)
             return self.finish(trial, values, model, history, None)
-        inputs = self.input_source(values).inputs(model, model.backbone, self.request(trial, values))
+        request = self.request(trial, values)
+        inputs = self.input_source(values).inputs(model, model.backbone, request)
         for note in inputs.notes:
             self.say(trial, note)
         if inputs.early:
             trial.set_user_attr("early", dict(inputs.early))
         resume, previous = self.resume(trial, model)
         with stage("training"):
-            history = self.fit(trial, values, model, optimizer, inputs, resume)
+            history = self.fit(trial, values, model, optimizer, inputs, resume, self.distill_loss(values, request, inputs))
         return self.finish(trial, values, model, history, previous)
 
     def say(self, trial: optuna.Trial, line: str) -> None:
@@ -229,7 +237,7 @@ class TrialRunner:
 
         record = self.setup.record
         probe = self.input_source(values).probe_features(model.backbone, values["image_size"], count=count)
-        targets = probe.train_targets
+        targets = probe.train_targets if self.distiller is None else self.true_targets()
         if record.task == "regression":  # the head outputs standardised targets
             targets = (targets - model.target_mean) / model.target_std
         weights = None if self.setup.class_weights is None else torch.as_tensor(self.setup.class_weights, dtype=torch.float32)
@@ -276,6 +284,23 @@ class TrialRunner:
             shuffle_seed=self.setup.config.seed + trial.number,
         )
 
+    def true_targets(self, *, standardised: bool = False) -> torch.Tensor:
+        """The training images' targets (a distillation trial's loaders give their indices instead): class indices,
+        or regression targets in their own units (``standardised``: as the head outputs them)."""
+        from tlengine._loaders import target_tensor
+
+        record = self.setup.record
+        targets = target_tensor(self.setup.data.train.targets, record.task)
+        return (targets - record.target_mean) / record.target_std if standardised and record.task == "regression" else targets
+
+    def distill_loss(self, values: dict[str, Any], request: Any, inputs: TrialInputs) -> Any:
+        """A distillation trial's loss (:class:`tlengine._distill.DistillLoss`), or ``None`` in a search."""
+        if self.distiller is None:
+            return None
+        return self.distiller.loss(values, self.input_source(values), request, on_features=inputs.on_features,
+                                   true_targets=self.true_targets(standardised=True), task=self.setup.record.task,
+                                   label_smoothing=values["label_smoothing"], class_weights=self.setup.class_weights)
+
     def resume(self, trial: optuna.Trial, model: torch.nn.Module) -> tuple[TrainingState | None, Path | None]:
         """The training state to continue from when ``trial`` retries a stopped one (its epochs replayed to the
         pruner), and the stopped trial's checkpoint; ``(None, None)`` for a new trial."""
@@ -300,8 +325,9 @@ class TrialRunner:
         return resume, previous
 
     def fit(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            inputs: TrialInputs, resume: TrainingState | None) -> list[EpochResult]:
-        """Train the trial with a progress bar, an epoch checkpoint and the pruner.
+            inputs: TrialInputs, resume: TrainingState | None, distill: Any = None) -> list[EpochResult]:
+        """Train the trial with a progress bar, an epoch checkpoint and the pruner (and, in a distillation study,
+        ``distill``'s loss).
 
         Raises:
             optuna.TrialPruned: The pruner stopped it, its loss diverged, or it ran out of memory at the smallest micro-batch.
@@ -320,7 +346,7 @@ class TrialRunner:
         plan = TrainPlan(
             epochs=record.epochs, task=record.task, metric=record.metric, label_smoothing=values["label_smoothing"],
             warmup=values["warmup"], mixup=values["mixup"], cutmix=values["cutmix"], num_classes=record.num_outputs,
-            class_weights=setup.class_weights,
+            class_weights=setup.class_weights, distill=distill,
         )
         described = self.describe(values)
         checkpoint = setup.run_dir / "trials" / f"{trial.number}.last.safetensors"

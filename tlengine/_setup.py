@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import rich.console
     import torch
 
+    from tlengine._distill import Teacher
     from tlengine._records import Backbone, Dataset, ImageData
     from tlengine._space import Dimension
     from tlengine.plugins import Registry
@@ -85,6 +86,7 @@ class SearchSetup:
             are then the main one's: the first listed, the top-ranked once ranked); empty for one.
         rank: ``[search] rank``: how several backbones are ranked before the first trial (``probe``, ``logme``).
         keep_backbones: ``--param backbone`` lists them: none is left out for ranking low.
+        teacher: A distillation study's teacher (``tlengine distill``), or ``None``.
     """
 
     config: SearchConfig
@@ -111,6 +113,7 @@ class SearchSetup:
     candidates: tuple[Candidate, ...] = ()
     rank: str = "probe"
     keep_backbones: bool = False
+    teacher: Teacher | None = None
 
     def candidate(self, spec: str) -> Candidate:
         """The candidate ``spec`` (the main backbone in a search of one)."""
@@ -154,6 +157,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     import torch
 
     from tlengine._data import load_data, resolve_dataset
+    from tlengine._distill import check_student, load_teacher
     from tlengine._records import DatasetOptions
     from tlengine._space import Dimension, for_grid, read_config
     from tlengine._study import make_pruner, make_sampler
@@ -175,6 +179,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     make_sampler(sampler_name, config.seed, {}) if sampler_name != "grid" else None  # an unknown name fails before any loading
     make_pruner(options.get("pruner", "median"))  # an unknown name fails before any loading
     rank = _rank_method(options)
+    teacher = load_teacher(config.teacher) if config.teacher is not None else None
     if len(resolved) > 1 and sampler_name == "grid":
         raise UserError("--sampler grid: cannot search several backbones (each has its own freeze depths); use tpe or random")
     device = resolve_device(config.device)
@@ -197,7 +202,10 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         raise UserError(f"--early-epochs {config.early_epochs}: must be fewer than the {epochs} epochs per trial (--epochs), "
                         "so that every trial ends at its own image size")
     stages = main.stages
-    space = _space(config, registry, config_space, params, [len(c.stages) for c in candidates], data.task, image_size)
+    if teacher is not None:
+        check_student(teacher, task=data.task, classes=data.classes, students=[c.spec for c in candidates], image_size=image_size)
+    space = _space(config, registry, config_space, params, [len(c.stages) for c in candidates], data.task, image_size,
+                   distill=teacher is not None)
     if len(candidates) > 1:
         space = {"backbone": Dimension("backbone", "categorical", choices=tuple(c.spec for c in candidates),
                                        source="cli" if keep_backbones else "default"), **space}
@@ -219,6 +227,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         early={"image_size": config.early_size, "epochs": config.early_epochs} if config.early_size else None,
         confine_paths=config.confine_paths, max_bad_images=config.max_bad_images, image_column=config.image_column,
         target_column=config.target_column, candidates=tuple(c.to_dict() for c in candidates) if len(candidates) > 1 else (),
+        teacher=teacher.to_dict() if teacher is not None else None,
     )
     return SearchSetup(
         config=config, registry=registry, backbone=backbone, dataset=dataset, data=data, base=base, stages=stages, space=space,
@@ -226,7 +235,7 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
         n_trials=options.get("trials") or suggested.get("trials") or DEFAULT_TRIALS, timeout=options.get("timeout"), device=device,
         record=record, class_weights=class_weights, study_name=study_name, run_dir=run_dir, storage=storage, workers=workers,
         eval_crop=options.get("eval_crop") or "auto", candidates=tuple(candidates) if len(candidates) > 1 else (),
-        rank=rank, keep_backbones=keep_backbones,
+        rank=rank, keep_backbones=keep_backbones, teacher=teacher,
     )
 
 
@@ -347,17 +356,41 @@ def _objectives(options: Mapping[str, Any], task: str) -> tuple[tuple[str, ...] 
     return (tuple(objectives) if objectives else None), check_metric(metric, task)
 
 
+def _check_distill_space(space: Mapping[str, Dimension], overrides: Mapping[str, tuple[Any, str]], where: str) -> None:
+    """Refuse what a distillation study cannot do: mix images (the teacher's outputs are per image and view), solve
+    probes exactly (they would not learn from the teacher), or weigh the teacher outside 0..1.
+
+    Raises:
+        UserError: Naming the option.
+    """
+    for name, why in (("mixup", "mixup mixes images the teacher never saw"), ("cutmix", "cutmix mixes images the teacher never saw"),
+                      ("probe", "an exact probe does not learn from the teacher")):
+        dim = space[name]
+        bad = dim.searched or (dim.value != "sgd" if name == "probe" else dim.value not in (0, 0.0))
+        if bad:
+            raise UserError(f"{overrides.get(name, (None, where))[1]}: {name} is not for tlengine distill ({why}); remove it")
+    alpha = space["distill_alpha"]
+    values = alpha.choices if alpha.kind == "categorical" else [alpha.value] if alpha.kind == "fixed" else [alpha.low, alpha.high]
+    if min(values) < 0 or max(values) > 1:
+        raise UserError(f"{overrides.get('distill_alpha', (None, where))[1]}: distill_alpha must lie in 0..1 (the teacher's share of the loss)")
+
+
 def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, Any], params: tuple[tuple[str, Any, str], ...],
-           stages: list[int], task: str, image_size: int) -> dict[str, Dimension]:
+           stages: list[int], task: str, image_size: int, *, distill: bool = False) -> dict[str, Dimension]:
     """The search space: the defaults, the config's ``[space]``, then ``--param`` and the dedicated flags.
+
+    A distillation study (``distill``) adds ``distill_alpha`` and ``distill_temperature``, trains its linear probes
+    by epochs (``probe = "sgd"``, so that they learn from the teacher too) and has no mixup or cutmix.
 
     With several backbones (``stages`` their stage counts), ``freeze_depth`` spans the deepest one's
     stages; each trial's own depth is cut at its backbone's (:func:`tlengine._space.depth_dimension`),
     and a fixed depth must fit every backbone.
 
     Raises:
-        UserError: See :func:`tlengine._space.build_space`; a fixed depth deeper than one of the backbones.
+        UserError: See :func:`tlengine._space.build_space`; a fixed depth deeper than one of the backbones; mixup,
+            cutmix or an exact probe in a distillation study.
     """
+    from tlengine._distill import distillation_dimensions
     from tlengine._space import build_space
 
     plugin_params = {r.name: dict(r.params) for r in [*registry.heads.values(), *registry.optimizers.values()] if r.params}
@@ -368,7 +401,10 @@ def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, 
         config_space, overrides, plugin_params, n_stages=max(stages),
         lr_ranges={name: r.lr_range for name, r in registry.optimizers.items()}, heads=list(registry.heads),
         task=task, where=f"--config {config.config}", image_size=image_size,
+        extra={**distillation_dimensions(task), "probe": ("sgd", False, "")} if distill else None,
     )
+    if distill:
+        _check_distill_space(space, overrides, f"--config {config.config}")
     depth = space["freeze_depth"]
     if depth.kind == "fixed" and depth.value > min(stages):
         where = overrides["freeze_depth"][1] if "freeze_depth" in overrides else f"--config {config.config}"

@@ -229,6 +229,7 @@ def build_space(
     task: str,
     where: str,
     image_size: int = 224,
+    extra: Mapping[str, tuple[Any, bool, str]] | None = None,
 ) -> dict[str, Dimension]:
     """Assemble the search space: built-in defaults, then the config, then the CLI.
 
@@ -242,11 +243,14 @@ def build_space(
         task: ``classification`` or ``regression`` (regression fixes the classification-only dimensions at 0).
         where: ``--config PATH`` for messages.
         image_size: The default input size (fixed unless the config or CLI searches it).
+        extra: More dimensions, or other defaults of built-in ones, as in :data:`DIMENSIONS` (a distillation
+            study's ``distill_alpha`` and ``distill_temperature``, and its ``probe``).
 
     Raises:
         UserError: Unknown keys (with close matches) or malformed specs.
     """
-    flat: dict[str, tuple[Any, str]] = {name: (spec, "default") for name, (spec, _, _) in DIMENSIONS.items()}
+    dimensions = {**DIMENSIONS, **(extra or {})}
+    flat: dict[str, tuple[Any, str]] = {name: (spec, "default") for name, (spec, _, _) in dimensions.items()}
     flat["image_size"] = (image_size, "default")
     for plugin, params in plugin_params.items():
         for param, spec in params.items():
@@ -274,7 +278,7 @@ def build_space(
     space: dict[str, Dimension] = {}
     # lr after optimizer, the policy after the dimensions that can rule policies out
     for name, (spec, source) in sorted(flat.items(), key=lambda item: (item[0] == "lr", item[0] == "augment")):
-        integer = DIMENSIONS[name][1] if name in DIMENSIONS else _is_integer_spec(spec)
+        integer = dimensions[name][1] if name in dimensions else _is_integer_spec(spec)
         origin = where if source == "config" else options.get(name, "--param") if source == "cli" else "default"
         if spec == "search":
             space[name] = _default_range(name, source, origin, space, n_stages, lr_ranges, heads)

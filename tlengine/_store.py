@@ -28,6 +28,10 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tlengine"
 
 
+#: What the store holds: decoded images, frozen-prefix features, and a distillation teacher's outputs.
+KINDS = ("images", "features", "teacher")
+
+
 def digest(*parts: Any) -> str:
     """A short hex key for JSON-able ``parts``."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
@@ -230,7 +234,7 @@ class Store:
         self.made_extra: dict[str, int] = {}
         self.evicted = 0
         try:
-            for kind in ("images", "features"):
+            for kind in KINDS:
                 (self.root / kind).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"--cache-dir {root}: cannot create it ({exc.strerror}); choose a writable folder or pass --no-cache") from exc
@@ -296,7 +300,7 @@ class Store:
     def files(self) -> list[tuple[float, int, Path]]:
         """``(mtime, bytes, path)`` of every cached file, oldest first."""
         found = []
-        for kind in ("images", "features"):
+        for kind in KINDS:
             for path in (self.root / kind).glob("*.npy"):
                 try:
                     stat = path.stat()

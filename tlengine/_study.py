@@ -257,8 +257,9 @@ def find_study(study_name: str, storage: str | None = None, runs: str = "runs") 
     return load_study(url, study_name), url
 
 
-def pick_trial(study: Any, which: str) -> Any:
-    """The study's best trial (``which == "best"``) or trial number ``which``, which must be complete.
+def pick_trial(study: Any, which: str, option: str = "--trial") -> Any:
+    """The study's best trial (``which == "best"``) or trial number ``which``, which must be complete
+    (``option`` names the flag in messages).
 
     Raises:
         UserError: No such trial, or it did not complete.
@@ -278,8 +279,8 @@ def pick_trial(study: Any, which: str) -> Any:
     try:
         number = int(which)
     except ValueError:
-        raise UserError(f"--trial {which}: expected a trial number or 'best'") from None
+        raise UserError(f"{option} {which}: expected a trial number or 'best'") from None
     if number not in numbers:
         listing = ", ".join(str(n) for n in sorted(numbers))
-        raise UserError(f"--trial {number}: not a completed trial of study {study.study_name}; completed: {listing}")
+        raise UserError(f"{option} {number}: not a completed trial of study {study.study_name}; completed: {listing}")
     return numbers[number]

@@ -50,6 +50,8 @@ class TrainPlan:
         cutmix: timm CutMix alpha (0 = off).
         num_classes: Number of classes (classification).
         class_weights: Per-class loss weights, or ``None``.
+        distill: ``loss(outputs, targets, epoch)`` in place of the task's own (a distillation trial, whose
+            targets are image indices: :class:`tlengine._distill.DistillLoss`), or ``None``.
     """
 
     epochs: int
@@ -61,6 +63,7 @@ class TrainPlan:
     cutmix: float = 0.0
     num_classes: int = 0
     class_weights: tuple[float, ...] | None = None
+    distill: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
@@ -309,6 +312,8 @@ def fit(
         mse = torch.nn.MSELoss()
         mean, std = model.target_mean.to(device), model.target_std.to(device)
         loss_fn = lambda out, y: mse(out.squeeze(-1).float(), (y - mean) / std)  # noqa: E731
+    if plan.distill is not None:  # reads the loop's epoch when called: the teacher's outputs on that epoch's views
+        loss_fn = lambda out, y: plan.distill(out, y, epoch)  # noqa: E731
 
     generator = train_loader.generator
     history: list[EpochResult] = list(resume.history) if resume else []
