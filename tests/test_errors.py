@@ -237,7 +237,7 @@ CASES = [
          lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--backbone", TWO, "--param", "freeze_depth=6"),
          "error: --param freeze_depth: freeze_depth = 6 is deeper than the 5 stages of one of the backbones searched; search it (the default) "
          "or fix it at most that"),
-    Case("unknown `--rank`", lambda t: search("--backbone", TWO, "--rank", "spearman"), "error: --rank spearman: expected logme, probe"),
+    Case("unknown `--rank`", lambda t: search("--backbone", TWO, "--rank", "spearman"), "error: --rank spearman: expected probe, logme"),
     Case("an empty list of backbones", lambda t: search("--data", str(write_image_folder(t / "f", 2, 2)), *TINY, "--param", "backbone=[]"),
          "error: --param backbone []: expected backbone names, e.g. tf_efficientnet_lite0,tf_efficientnet_lite1"),
 ]

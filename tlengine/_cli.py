@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tlengine._errors import UserError
 
 if TYPE_CHECKING:
+    from tlengine._options import SearchConfig
     from tlengine._search import SearchResult
 
 
@@ -202,7 +203,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return _run_search(args, distill_config(**options))
 
 
-def _run_search(args: argparse.Namespace, config: Any) -> int:
+def _run_search(args: argparse.Namespace, config: SearchConfig) -> int:
     """Run the search (or distillation) ``config`` describes; print its results, or how to resume it."""
     from rich.console import Console
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import optuna
     import torch
 
-    from tlengine._inputs import InputSource
+    from tlengine._inputs import InputRequest, InputSource
     from tlengine._loaders import Augment
     from tlengine._preprocess import Preprocess
     from tlengine._record import StudyRecord
@@ -262,7 +262,7 @@ class Distiller:
         self.log(f"teacher: outputs of {len(models)} model(s) on {'the evaluation view' if augment.identity else f'view {view}'} of "
                  f"{len(source.data.train)} training images, computed once")
 
-    def loss(self, values: Mapping[str, Any], source: InputSource, request: Any, *, on_features: bool, true_targets: torch.Tensor,
+    def loss(self, values: Mapping[str, Any], source: InputSource, request: InputRequest, *, on_features: bool, true_targets: torch.Tensor,
              task: str, label_smoothing: float, class_weights: Sequence[float] | None) -> DistillLoss:
         """The loss of one trial: its ``alpha`` and ``T``, the views it trains on (a trial on cached features cycles
         through ``--cache-views`` of them), ``true_targets`` (class indices, or standardised targets) by image."""

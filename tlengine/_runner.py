@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import rich.progress
     import torch
 
-    from tlengine._inputs import InputSource, TrialInputs
+    from tlengine._distill import DistillLoss
+    from tlengine._inputs import InputRequest, InputSource, TrialInputs
     from tlengine._setup import SearchSetup
     from tlengine._train import EpochResult, TrainingState
 
@@ -273,7 +274,7 @@ class TrialRunner:
             trial.report(value, record.epochs - 1)
         return [EpochResult(record.epochs - 1, fit.train_loss, value, time.perf_counter() - started)]
 
-    def request(self, trial: optuna.Trial, values: dict[str, Any]) -> Any:
+    def request(self, trial: optuna.Trial, values: dict[str, Any]) -> InputRequest:
         """What the trial asks of the input source."""
         from tlengine._inputs import InputRequest
         from tlengine._loaders import Augment
@@ -293,7 +294,7 @@ class TrialRunner:
         targets = target_tensor(self.setup.data.train.targets, record.task)
         return (targets - record.target_mean) / record.target_std if standardised and record.task == "regression" else targets
 
-    def distill_loss(self, values: dict[str, Any], request: Any, inputs: TrialInputs) -> Any:
+    def distill_loss(self, values: dict[str, Any], request: InputRequest, inputs: TrialInputs) -> DistillLoss | None:
         """A distillation trial's loss (:class:`tlengine._distill.DistillLoss`), or ``None`` in a search."""
         if self.distiller is None:
             return None
@@ -325,7 +326,7 @@ class TrialRunner:
         return resume, previous
 
     def fit(self, trial: optuna.Trial, values: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            inputs: TrialInputs, resume: TrainingState | None, distill: Any = None) -> list[EpochResult]:
+            inputs: TrialInputs, resume: TrainingState | None, distill: DistillLoss | None = None) -> list[EpochResult]:
         """Train the trial with a progress bar, an epoch checkpoint and the pruner (and, in a distillation study,
         ``distill``'s loss).
 

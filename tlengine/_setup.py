@@ -162,7 +162,6 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     from tlengine._space import Dimension, for_grid, read_config
     from tlengine._study import make_pruner, make_sampler
     from tlengine._timing import stage
-    from tlengine._train import resolve_device
     from tlengine.plugins import get_registry
 
     file_config = read_config(config.config)
@@ -175,16 +174,8 @@ def make_setup(config: SearchConfig, console: rich.console.Console) -> SearchSet
     backbone, arch = resolved[0]
     _check_plugin_choices(registry, params)
     dataset = resolve_dataset(registry, config.dataset, config.data)
-    sampler_name = options.get("sampler", "tpe")
-    make_sampler(sampler_name, config.seed, {}) if sampler_name != "grid" else None  # an unknown name fails before any loading
-    make_pruner(options.get("pruner", "median"))  # an unknown name fails before any loading
-    rank = _rank_method(options)
+    sampler_name, rank, device = _check_choices(config, options, len(resolved))
     teacher = load_teacher(config.teacher) if config.teacher is not None else None
-    if len(resolved) > 1 and sampler_name == "grid":
-        raise UserError("--sampler grid: cannot search several backbones (each has its own freeze depths); use tpe or random")
-    device = resolve_device(config.device)
-    if config.devices and config.worker is None and not torch.cuda.is_available():
-        raise UserError(f"--devices {','.join(config.devices)}: CUDA is not available on this machine; use --workers N to run several workers on the CPU")
     torch.manual_seed(config.seed)
     with console.status("loading data and backbone"):
         dataset_options = DatasetOptions(config.task, config.val_fraction, config.seed, config.confine_paths, config.image_column,
@@ -316,6 +307,30 @@ def _load_candidates(resolved: list[tuple[Backbone, str | None]], weights: str, 
     if not candidates:
         raise UserError(f"--backbone: none of the {len(resolved)} backbones could be loaded; {failed[0]}")
     return candidates
+
+
+def _check_choices(config: SearchConfig, options: Mapping[str, Any], backbones: int) -> tuple[str, str, str]:
+    """The sampler's name, the ranking method and the device, checked before anything is loaded.
+
+    Raises:
+        UserError: An unknown sampler, pruner or ranking method; the grid sampler over several backbones; CUDA asked
+            for where there is none.
+    """
+    import torch
+
+    from tlengine._study import make_pruner, make_sampler
+    from tlengine._train import resolve_device
+
+    sampler_name = options.get("sampler", "tpe")
+    make_sampler(sampler_name, config.seed, {}) if sampler_name != "grid" else None
+    make_pruner(options.get("pruner", "median"))
+    rank = _rank_method(options)
+    if backbones > 1 and sampler_name == "grid":
+        raise UserError("--sampler grid: cannot search several backbones (each has its own freeze depths); use tpe or random")
+    device = resolve_device(config.device)
+    if config.devices and config.worker is None and not torch.cuda.is_available():
+        raise UserError(f"--devices {','.join(config.devices)}: CUDA is not available on this machine; use --workers N to run several workers on the CPU")
+    return sampler_name, rank, device
 
 
 def _rank_method(options: Mapping[str, Any]) -> str:
