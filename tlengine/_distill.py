@@ -22,7 +22,9 @@ the images; in memory with ``--no-cache``), so a student trial on cached prefix 
 reads them as it reads its features: the teacher's cost is paid once per view, not per
 trial. To find a batch's outputs, the student's training targets are the images' indices
 (:meth:`tlengine._inputs.InputSource.for_distillation`); the loss looks the true targets up.
-Mixup and cutmix, which mix images the teacher never saw, are off in a distillation study.
+Mixup and cutmix, which mix images the teacher never saw, are off in a distillation study; an
+exact linear probe (the probe recipe, unless ``probe = "sgd"``) is solved on the labels alone,
+a baseline the taught trials must beat.
 
 None of timm, Optuna or torchvision ships a distillation loss with cached teacher
 outputs; the loss here is the paper's, in a few lines.

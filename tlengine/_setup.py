@@ -372,17 +372,16 @@ def _objectives(options: Mapping[str, Any], task: str) -> tuple[tuple[str, ...] 
 
 
 def _check_distill_space(space: Mapping[str, Dimension], overrides: Mapping[str, tuple[Any, str]], where: str) -> None:
-    """Refuse what a distillation study cannot do: mix images (the teacher's outputs are per image and view), solve
-    probes exactly (they would not learn from the teacher), or weigh the teacher outside 0..1.
+    """Refuse what a distillation study cannot do: mix images (the teacher's outputs are per image and view), or weigh
+    the teacher outside 0..1.
 
     Raises:
         UserError: Naming the option.
     """
-    for name, why in (("mixup", "mixup mixes images the teacher never saw"), ("cutmix", "cutmix mixes images the teacher never saw"),
-                      ("probe", "an exact probe does not learn from the teacher")):
+    for name in ("mixup", "cutmix"):
         dim = space[name]
-        bad = dim.searched or (dim.value != "sgd" if name == "probe" else dim.value not in (0, 0.0))
-        if bad:
+        if dim.searched or dim.value not in (0, 0.0):
+            why = f"{name} mixes images the teacher never saw"
             raise UserError(f"{overrides.get(name, (None, where))[1]}: {name} is not for tlengine distill ({why}); remove it")
     alpha = space["distill_alpha"]
     values = alpha.choices if alpha.kind == "categorical" else [alpha.value] if alpha.kind == "fixed" else [alpha.low, alpha.high]
@@ -394,16 +393,15 @@ def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, 
            stages: list[int], task: str, image_size: int, *, distill: bool = False) -> dict[str, Dimension]:
     """The search space: the defaults, the config's ``[space]``, then ``--param`` and the dedicated flags.
 
-    A distillation study (``distill``) adds ``distill_alpha`` and ``distill_temperature``, trains its linear probes
-    by epochs (``probe = "sgd"``, so that they learn from the teacher too) and has no mixup or cutmix.
+    A distillation study (``distill``) adds ``distill_alpha`` and ``distill_temperature`` and has no mixup or cutmix.
 
     With several backbones (``stages`` their stage counts), ``freeze_depth`` spans the deepest one's
     stages; each trial's own depth is cut at its backbone's (:func:`tlengine._space.depth_dimension`),
     and a fixed depth must fit every backbone.
 
     Raises:
-        UserError: See :func:`tlengine._space.build_space`; a fixed depth deeper than one of the backbones; mixup,
-            cutmix or an exact probe in a distillation study.
+        UserError: See :func:`tlengine._space.build_space`; a fixed depth deeper than one of the backbones; mixup
+            or cutmix in a distillation study.
     """
     from tlengine._distill import distillation_dimensions
     from tlengine._space import build_space
@@ -416,7 +414,7 @@ def _space(config: SearchConfig, registry: Registry, config_space: Mapping[str, 
         config_space, overrides, plugin_params, n_stages=max(stages),
         lr_ranges={name: r.lr_range for name, r in registry.optimizers.items()}, heads=list(registry.heads),
         task=task, where=f"--config {config.config}", image_size=image_size,
-        extra={**distillation_dimensions(task), "probe": ("sgd", False, "")} if distill else None,
+        extra=distillation_dimensions(task) if distill else None,
     )
     if distill:
         _check_distill_space(space, overrides, f"--config {config.config}")
