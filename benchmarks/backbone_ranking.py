@@ -80,7 +80,8 @@ def search_job(data: dict[str, Any], backbones: list[str], budget: float, epochs
                              study_name="bench", quiet=True, rank=rank)
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name="bench", storage=result.storage)
-    trials = [{"backbone": t.params.get("backbone", backbones[0]), "score": t.value, "recipe": t.user_attrs.get("recipe")}
+    trials = [{"backbone": t.user_attrs.get("values", {}).get("backbone", t.params.get("backbone", backbones[0])), "score": t.value,
+               "recipe": t.user_attrs.get("recipe")}
               for t in study.trials if t.state.name == "COMPLETE"]
     best = result.best
     return {"seconds": seconds, "best": None if best is None else best.score, "trials": trials, "ranking": result.record.ranking,
