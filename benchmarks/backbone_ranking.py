@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import report  # noqa: E402
-from peers import DATASETS, THREADS, make_dataset  # noqa: E402
+from peers import DATASETS, THREADS, available  # noqa: E402
 
 BACKBONES = tuple(f"timm:tf_efficientnet_lite{i}" for i in range(3))
 #: How close to the best fine-tuned score the ranking's pick must be: accuracy points, or degrees of RMSE.
@@ -172,12 +172,7 @@ def main() -> None:
     rows, record = [], {}
     earlier = json.loads(Path(args.multi_only).read_text())["record"] if args.multi_only else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets.split(","):
-            try:
-                data = make_dataset(name, Path(tmp) / "data", args.smoke)
-            except FileNotFoundError as missing:
-                print(f"{name}: skipped, {missing} is not present", file=sys.stderr)
-                continue
+        for name, data in available(args.datasets, Path(tmp) / "data", args.smoke):
             if args.multi_only and name not in earlier:
                 continue
             found, record[name] = dataset_rows(name, data, budget, epochs, args.image_size, Path(tmp) / name, args.rank, earlier.get(name))

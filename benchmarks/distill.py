@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import report  # noqa: E402
-from peers import THREADS, make_dataset  # noqa: E402
+from peers import THREADS, available  # noqa: E402
 
 TEACHER, STUDENT = "timm:tf_efficientnet_lite2", "timm:tf_efficientnet_lite0"
 STEPS = ("teacher", "plain student", "distilled student")
@@ -88,12 +88,7 @@ def main() -> None:
     budget, epochs = (45.0, 1) if args.smoke else (args.budget, args.epochs)
     rows, record = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets.split(","):
-            try:
-                data = make_dataset(name, Path(tmp) / "data", args.smoke)
-            except FileNotFoundError as missing:
-                print(f"{name}: skipped, {missing} is not present", file=sys.stderr)
-                continue
+        for name, data in available(args.datasets, Path(tmp) / "data", args.smoke):
             runs = Path(tmp) / name / "runs"
             runs.mkdir(parents=True)
             spec = {"data": data, "budget": budget, "epochs": epochs, "size": args.image_size, "runs": str(runs),

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +69,16 @@ def make_dataset(name: str, root: Path, smoke: bool) -> dict[str, Any]:
             raise FileNotFoundError(FASHION)
         return {"path": str(_rotation(root / "rotation", smoke)), "task": "regression", "format": "csv"}
     raise ValueError(name)
+
+
+def available(names: str, root: Path, smoke: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(name, dataset)`` for each of the comma-separated ``names`` that can be made here (see :func:`make_dataset`);
+    one line on stderr for each skipped because its data is not present."""
+    for name in names.split(","):
+        try:
+            yield name, make_dataset(name, root, smoke)
+        except FileNotFoundError as missing:
+            print(f"{name}: skipped, {missing} is not present", file=sys.stderr)
 
 
 def _digits(folder: Path, smoke: bool) -> Path:
@@ -331,12 +342,7 @@ def main() -> None:
     budget, epochs = (20.0, 1) if args.smoke else (args.budget, args.epochs)
     rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for dataset in args.datasets.split(","):
-            try:
-                data = make_dataset(dataset, Path(tmp) / "data", args.smoke)
-            except FileNotFoundError as missing:
-                print(f"{dataset}: skipped, {missing} is not present", file=sys.stderr)
-                continue
+        for dataset, data in available(args.datasets, Path(tmp) / "data", args.smoke):
             minimize = data["task"] == "regression"
             curves[dataset] = {}
             for tool in args.tools.split(","):
