@@ -122,13 +122,14 @@ def crop_check(center: tuple[Any, Any], whole: tuple[Any, Any], train_targets: t
 
 
 def _probe_outputs(train: Any, train_targets: torch.Tensor, vals: list[Any], *, task: str, metric: str, outputs: int,
-                   seed: int) -> list[torch.Tensor]:
-    """An exact probe fitted on ``train``, its outputs on each of ``vals`` (regression in the targets' units)."""
+                   seed: int, class_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """An exact probe fitted on ``train`` (weighted by ``class_weights``), its outputs on each of ``vals`` (regression
+    in the targets' units)."""
     from tlengine._probe import Rows, fit_linear_probe, probe_outputs
 
     mean, std = (float(train_targets.float().mean()), float(train_targets.float().std()) or 1.0) if task == "regression" else (0.0, 1.0)
     fit_y = (train_targets - mean) / std if task == "regression" else train_targets
-    fit = fit_linear_probe(train, fit_y, task=task, metric=metric, outputs=outputs, seed=seed)
+    fit = fit_linear_probe(train, fit_y, task=task, metric=metric, outputs=outputs, class_weights=class_weights, seed=seed)
     out = [probe_outputs(Rows(v), fit.weight, fit.bias, task) for v in vals]
     return [o * std + mean if task == "regression" else o for o in out]
 

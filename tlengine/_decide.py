@@ -65,17 +65,14 @@ def _probe_score(setup: SearchSetup, probe: Any) -> float:
     """The exact linear probe's validation score on ``probe``'s features, in the study's metric."""
     import torch
 
+    from tlengine._augment import _probe_outputs
     from tlengine._metrics import score
-    from tlengine._probe import Rows, fit_linear_probe, probe_outputs
 
     record = setup.record
-    mean, std = record.target_mean, record.target_std
-    targets = probe.train_targets if record.task == "classification" else (probe.train_targets - mean) / std
     weights = None if setup.class_weights is None else torch.as_tensor(setup.class_weights, dtype=torch.float32)
-    fit = fit_linear_probe(probe.train, targets, task=record.task, metric=record.metric, outputs=record.num_outputs,
-                           class_weights=weights, seed=setup.config.seed)
-    val = probe_outputs(Rows(probe.val), fit.weight, fit.bias, record.task)
-    return score(record.metric, val if record.task == "classification" else val * std + mean, probe.val_targets)
+    (val,) = _probe_outputs(probe.train, probe.train_targets, [probe.val], task=record.task, metric=record.metric,
+                            outputs=record.num_outputs, seed=setup.config.seed, class_weights=weights)
+    return score(record.metric, val, probe.val_targets)
 
 
 def decide(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) -> tuple[SearchSetup, InputSource]:

@@ -341,7 +341,7 @@ def _rank_method(options: Mapping[str, Any]) -> str:
     """
     from tlengine._rank import RANKERS
 
-    method = options.get("rank", "probe")
+    method = options.get("rank", RANKERS[0])
     if method not in RANKERS:
         raise UserError(f"--rank {method}: expected {', '.join(RANKERS)}")
     return method
