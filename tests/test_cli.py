@@ -123,7 +123,7 @@ def test_results_table_reads_in_80_columns(tiny_run: Path) -> None:
     searched = ("freeze_depth", "lr", "layer_decay", "label_smoothing", "augment", "crop_scale")  # the demo's space
     params = {"freeze_depth": 6, "lr": 1.234e-5, "layer_decay": 0.8125, "label_smoothing": 0.0625, "augment": "randaugment",
               "crop_scale": 0.421875}
-    rows += [dataclasses.replace(rows[0], number=17, recipe="head first, then unfreeze", state="pruned", params=params, score=0.912345,
+    rows += [dataclasses.replace(rows[0], number=17, recipe="top half", state="pruned", params=params, score=0.912345,
                                  seconds=1234.5, epochs=12),
              dataclasses.replace(rows[0], number=118, recipe=None, state="running", params={**params, "lr": 0.01, "augment": "crop"},
                                  score=None, seconds=None)]
@@ -132,4 +132,4 @@ def test_results_table_reads_in_80_columns(tiny_run: Path) -> None:
     console.print(results_table(result))
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
-    assert "1.2e-05" in text and "1.0e-02" in text and "RA.42" in text and "crop.42" in text and "head→FT" in text and "probe" in text and "0.9123" in text and "1234" in text and "118" in text
+    assert "1.2e-05" in text and "1.0e-02" in text and "RA.42" in text and "crop.42" in text and "half FT" in text and "probe" in text and "0.9123" in text and "1234" in text and "118" in text

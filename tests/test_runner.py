@@ -48,7 +48,7 @@ def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path)
     study.optimize(runner, n_trials=2)
     trials = [t for t in study.trials if t.state.name != "WAITING"]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and runner.running == 1
-    assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["head first, then unfreeze"]
+    assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["top half"]
     assert [t.user_attrs["values"]["freeze_depth"] for t in trials] == [setup.record.stages, 0]
     for t, epochs in zip(trials, (1, 2)):
         assert Path(t.user_attrs["checkpoint"]).is_file() and not Path(t.user_attrs.get("epoch_checkpoint", "none")).exists()

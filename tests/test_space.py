@@ -201,16 +201,16 @@ def test_recipes_run_first_in_order(tiny_folder: Path, tmp_path: Path) -> None:
     summary = run(["search", "--data", str(tiny_folder), *TINY, "--trials", "4", "--epochs", "3", "--out", str(tmp_path),
                    "--study-name", "r", "--pruner", "none"])
     trials = summary["trials"]
-    assert [t["recipe"] for t in trials] == ["linear probe", "full fine-tune", "head first, then unfreeze", None]
-    head_first = trials[2]
-    assert head_first["params"]["freeze_depth"] == 0 and head_first["params"]["layer_decay"] == 0.7
-    assert head_first["values"]["head_epochs"] == 1  # a default-fixed value the recipe overrides
-    assert trials[3]["values"]["head_epochs"] == 0
+    assert [t["recipe"] for t in trials] == ["linear probe", "full fine-tune", "top half", None]
+    top_half, stages = trials[2], summary["config"]["stages"]
+    assert top_half["params"]["freeze_depth"] == stages // 2 > 0 and top_half["params"]["layer_decay"] == 1.0
+    assert top_half["values"]["head_epochs"] == 0
     # the rates come from the range test before the first trial: its suggestion, and ten times it for the probe
     lr_test, lr = summary["config"]["lr_test"], summary["config"]["space"]["lr"]
     assert lr_test["low"] == lr["low"] and lr_test["high"] == lr["high"] and lr["low"] < lr_test["suggested"] < lr["high"]
     assert trials[1]["params"]["lr"] == pytest.approx(lr_test["suggested"])
     assert trials[0]["params"]["lr"] == pytest.approx(min(lr["high"], 10 * lr_test["suggested"]))
+    assert trials[2]["params"]["lr"] == pytest.approx(min(lr["high"], 3 * lr_test["suggested"]))
 
 
 def test_grid_sweeps_every_freeze_depth(tiny_folder: Path, tmp_path: Path) -> None:
@@ -294,8 +294,8 @@ def test_policy_choices_follow_the_parameters_that_rule_policies_out() -> None:
     assert space(overrides={"randaugment": (0, "--param")})["augment"].choices == ("none", "flip", "crop")
     assert policy_dimension(no_flips) == no_flips["augment"]
     assert light_policy(space()) == "flip"
-    assert {r[1]["augment"] for r in opening_recipes(space(), 6, 3, 1e-3)} == {"flip"}
-    assert {r[1]["augment"] for r in opening_recipes(no_flips, 6, 3, 1e-3)} == {"none"}
+    assert {r[1]["augment"] for r in opening_recipes(space(), 6, 1e-3)} == {"flip"}
+    assert {r[1]["augment"] for r in opening_recipes(no_flips, 6, 1e-3)} == {"none"}
     assert [active({"augment": p}, "crop_scale") for p in ("none", "flip", "crop", "randaugment")] == [False, False, True, True]
     assert [active({"augment": p}, "hflip") for p in ("none", "flip", "crop")] == [False, True, True]
     grid = for_grid(space())

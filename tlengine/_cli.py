@@ -265,7 +265,7 @@ SHORT_NAMES = {"layer_decay": "decay", "label_smoothing": "smooth", "weight_deca
 #: The augmentation policies in the results table; a cropping policy's cell adds its crop scale (``crop.42``).
 SHORT_POLICIES = {"none": "none", "flip": "flip", "crop": "crop", "randaugment": "RA"}
 #: Short names of the enqueued recipes.
-SHORT_RECIPES = {"linear probe": "probe", "full fine-tune": "full FT", "head first, then unfreeze": "head→FT"}
+SHORT_RECIPES = {"linear probe": "probe", "full fine-tune": "full FT", "top half": "half FT"}
 
 
 def _cell(value: Any, name: str = "") -> str:

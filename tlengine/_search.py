@@ -174,7 +174,7 @@ def open_search_study(setup: SearchSetup, console: rich.console.Console) -> optu
         optimizer_dim = setup.space["optimizer"]
         first_optimizer = optimizer_dim.value if not optimizer_dim.searched else optimizer_dim.choices[0]
         default_lr = setup.record.lr_test["suggested"] if setup.record.lr_test else setup.registry.optimizers[first_optimizer].default_lr
-        for recipe, params, overrides in opening_recipes(setup.space, setup.record.stages, setup.record.epochs, default_lr):
+        for recipe, params, overrides in opening_recipes(setup.space, setup.record.stages, default_lr):
             if optimizer_dim.searched:
                 params["optimizer"] = first_optimizer
             if "backbone" in setup.space:  # on the top-ranked backbone, its own freeze-depth parameter
