@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 #: L2 strengths tried (on the mean loss), strongest first: each fit starts from the previous one.
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+#: The path along ``L2_GRID`` stops after this many strengths in a row that do not beat the best so far: on
+#: fashion-mnist-2k's and digits' lite0 features it chose the same strength as the whole grid, 2.7x and 1.4x sooner.
+PATIENCE = 2
 #: The L2 strength is chosen on an inner split of at most this many rows (then the head is refitted on all).
 SELECT_ROWS = 20000
 #: L-BFGS iterations of the refit on every row, from the inner split's solution (within 0.2 % of the optimum's loss
@@ -112,7 +115,8 @@ class ProbeFit:
 def fit_linear_probe(features: Any, targets: torch.Tensor, *, task: str, metric: str, outputs: int,
                      class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0, seed: int = 0) -> ProbeFit:
     """Solve a linear head on ``features`` ``(N, D)``: the L2 strength chosen on an inner 80/20 split
-    (stratified for classification), then the head refitted on every row with it.
+    (stratified for classification), strongest first until :data:`PATIENCE` in a row do no better, then
+    the head refitted on every row with it.
 
     Args:
         features: Pooled frozen features (an array, a tensor, or a cache file).
@@ -136,12 +140,17 @@ def fit_linear_probe(features: Any, targets: torch.Tensor, *, task: str, metric:
     best: tuple[float, float, Any] | None = None
     start = None
     sign = -1.0 if maximizes(metric) else 1.0
+    worse = 0
     for l2 in L2_GRID:
         w, b, _ = solve(fit_rows, fit_y, outputs, l2, class_weights, label_smoothing, start)
         start = (w, b)
         value = score(metric, probe_outputs(check_rows, w, b, task), check_y)
         if best is None or sign * value < sign * best[1]:
-            best = (l2, value, start)
+            best, worse = (l2, value, start), 0
+        else:
+            worse += 1
+            if worse == PATIENCE:  # the weaker strengths left are the slowest to solve
+                break
     assert best is not None
     # from the subset's solution; over many rows each pass reads them all, so the refit stops sooner
     w, b, loss = solve(Rows(features), targets, outputs, best[0], class_weights, label_smoothing, best[2], REFIT_ITERATIONS)
