@@ -156,9 +156,10 @@ class SearchCaches:
             self._digests[name] = images_digest(self._split(name).images)
         return self._digests[name]
 
-    def pixels(self, name: str, preprocess: Preprocess, layout: str) -> Any:
+    def pixels(self, name: str, preprocess: Preprocess, layout: str, count: bool = True) -> Any:
         """Decoded uint8 images of split ``name``: ``layout`` ``"eval"`` (the eval crop) or ``"train"``
-        (the centre square at the resize side); ``None`` if they do not fit under the cap."""
+        (the centre square at the resize side); ``None`` if they do not fit under the cap. ``count``: as in
+        :meth:`tlengine._store.Store.get_or_make`."""
         import PIL
 
         side = preprocess.input_size if layout == "eval" else preprocess.resize
@@ -167,7 +168,8 @@ class SearchCaches:
         items = self._split(name).images
 
         with stage("decoding"):
-            return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", lambda out: decode_into(out, items, crop))
+            return self.store.get_or_make("images", key, (len(items), side, side, 3), "uint8", lambda out: decode_into(out, items, crop),
+                                        count=count)
 
     def _weights_digest(self) -> str:
         if self._weights is None:
@@ -186,9 +188,10 @@ class SearchCaches:
                       FEATURE_DTYPE, torch.__version__, timm.__version__)
 
     def features(self, split: PrefixSplit, name: str, preprocess: Preprocess, view: int | None, augment: Augment | None,
-                 seed: int = 0) -> Any:
+                 seed: int = 0, count: bool = True) -> Any:
         """fp16 prefix outputs of every image of split ``name``: the evaluation crop (``view`` ``None``) or
         augmented view ``view`` (what an uncached epoch ``view`` feeds the prefix); ``None`` when they cannot be cached.
+        ``count``: ``False`` leaves the use out of the summary's hits and misses.
 
         The pass that computes them also stores, where the cap has free space, the outputs
         after fewer frozen stages (they lie on the way): a later trial freezing fewer stages
@@ -210,13 +213,13 @@ class SearchCaches:
         augmenter = None if view is None or augment is None else tensor_augment(preprocess, augment)
         layout = "eval" if augmenter is None else augment.layout
         # decoded first, so that the room left for the extras counts them
-        pixels = None if self.store.path("features", key).is_file() else self.pixels(name, preprocess, layout)
+        pixels = None if self.store.path("features", key).is_file() else self.pixels(name, preprocess, layout, count)
 
         def fill(out: Any, extras: dict[str, Any] | None = None) -> None:
             nonlocal pixels
             extras = {} if extras is None else extras
             if pixels is None:  # deleted after the check above
-                pixels = self.pixels(name, preprocess, layout)
+                pixels = self.pixels(name, preprocess, layout, count)
             if pixels is None:
                 raise _Uncached("the decoded images do not fit under the cap")
             base = self.base.to(self.device, memory_format=torch.channels_last)
@@ -247,7 +250,7 @@ class SearchCaches:
         extras = [(k, (n, *other.feature_shape), FEATURE_DTYPE) for k, other in shallower.items()]
         try:
             with stage("features"):
-                array = self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras)
+                array = self.store.get_or_make("features", key, (n, *split.feature_shape), FEATURE_DTYPE, fill, extras, count=count)
         except _Uncached as exc:
             self.say_once(f"caches: features after {split.depth} stages: {exc}; such trials run on images")
             return None
@@ -321,8 +324,8 @@ class SearchCaches:
         if split is None or len(split.feature_shape) != 1:
             return None
         self.trials += count
-        val = self.features(split, "val", preprocess, None, None)
-        train = self.features(split, "train", preprocess, None, None) if val is not None else None
+        val = self.features(split, "val", preprocess, None, None, count=count)
+        train = self.features(split, "train", preprocess, None, None, count=count) if val is not None else None
         if train is None:
             return None
         self.trials_on_features += count

@@ -89,13 +89,13 @@ def decide(setup: SearchSetup, source: InputSource, log: Callable[[str], None]) 
     data = setup.data
     picks = (evenly_spaced(len(data.train), CHECK_IMAGES), evenly_spaced(len(data.val), CHECK_IMAGES))
     targets = (_targets(data.train.targets, picks[0], data.task), _targets(data.val.targets, picks[1], data.task))
-    features = _Features(source, setup.base, picks)
+    features = _Features(source, setup.base, picks, size)
     if crop == "auto":
-        setup, source = _decide_crop(setup, source, features, targets, size, log)
+        setup, source = _decide_crop(setup, source, features, targets, log)
     else:
         setup, source = _with_crop(setup, source, crop == "whole", None)
     if _flips_decided_here(setup):
-        setup = _decide_flips(setup, source, features, targets, size, log)
+        setup = _decide_flips(setup, source, features, targets, log)
     if _lr_decided_here(setup):
         setup = _decide_lr(setup, source, size, log)
     return setup, source
@@ -125,28 +125,40 @@ def adopt(setup: SearchSetup, source: InputSource, saved: StudyRecord) -> tuple[
 
 
 class _Features:
-    """Pooled features of the checks' images in one view, computed once each."""
+    """Pooled features of the checks' images in one view, computed once each.
 
-    def __init__(self, source: InputSource, base: torch.nn.Module, picks: tuple[list[int], list[int]]) -> None:
-        self.source, self.base, self.picks = source, base, picks
-        self.memo: dict[Any, torch.Tensor] = {}
+    Where the checks cover whole splits (no more than :data:`~tlengine._augment.CHECK_IMAGES`
+    images each), an unflipped view comes from :meth:`InputSource.probe_features`, so that with
+    caches on it is computed once for the ranking, the checks and the exact linear probe's trial
+    together (on fashion-mnist-2k the probe trial recomputed 2,500 images the checks had just seen).
+    """
 
-    def get(self, split: str, preprocess: Any, flip: bool = False) -> torch.Tensor:
+    def __init__(self, source: InputSource, base: torch.nn.Module, picks: tuple[list[int], list[int]], size: int) -> None:
+        self.source, self.base, self.picks, self.size = source, base, picks, size
+        data = source.data
+        self.whole = len(picks[0]) == len(data.train) and len(picks[1]) == len(data.val)
+        self.memo: dict[Any, Any] = {}
+
+    def get(self, split: str, view: InputSource, flip: bool = False) -> Any:
+        """Split ``split``'s features at ``view``'s preprocessing (mirrored when ``flip``)."""
+        preprocess = view.preprocess(self.size)
         key = (split, preprocess, flip)
         if key not in self.memo:
-            self.memo[key] = self.source.pooled(self.base, split, preprocess, self.picks[split == "val"], flip=flip)
+            if self.whole and not flip:
+                probe = view.probe_features(self.base, self.size, count=False)
+                self.memo[("train", preprocess, False)], self.memo[("val", preprocess, False)] = probe.train, probe.val
+            else:
+                self.memo[key] = self.source.pooled(self.base, split, preprocess, self.picks[split == "val"], flip=flip)
         return self.memo[key]
 
 
-def _decide_crop(setup: SearchSetup, source: InputSource, features: _Features, targets: tuple[Any, Any], size: int,
+def _decide_crop(setup: SearchSetup, source: InputSource, features: _Features, targets: tuple[Any, Any],
                  log: Callable[[str], None]) -> tuple[SearchSetup, InputSource]:
     from tlengine._augment import crop_check
-    from tlengine._preprocess import Preprocess
 
     record = setup.record
-    center = source.preprocess(size)
-    whole = Preprocess.from_data_config({**record.data_config, "crop_pct": 1.0}, size)
-    check = crop_check((features.get("train", center), features.get("val", center)),
+    whole = source.with_data_config({**record.data_config, "crop_pct": 1.0})
+    check = crop_check((features.get("train", source), features.get("val", source)),
                        (features.get("train", whole), features.get("val", whole)), *targets,
                        crop_pct=float(record.data_config.get("crop_pct") or 0.875), task=record.task, metric=record.metric,
                        outputs=record.num_outputs, seed=setup.config.seed)
@@ -154,13 +166,12 @@ def _decide_crop(setup: SearchSetup, source: InputSource, features: _Features, t
     return _with_crop(setup, source, check.chosen == "whole", check.to_dict())
 
 
-def _decide_flips(setup: SearchSetup, source: InputSource, features: _Features, targets: tuple[Any, Any], size: int,
+def _decide_flips(setup: SearchSetup, source: InputSource, features: _Features, targets: tuple[Any, Any],
                   log: Callable[[str], None]) -> SearchSetup:
     from tlengine._augment import flip_check
 
     record = setup.record
-    view = source.preprocess(size)
-    check = flip_check(features.get("train", view), targets[0], features.get("val", view), features.get("val", view, flip=True),
+    check = flip_check(features.get("train", source), targets[0], features.get("val", source), features.get("val", source, flip=True),
                        targets[1], task=record.task, metric=record.metric, outputs=record.num_outputs, seed=setup.config.seed)
     log(f"{setup.label}{check.line(record.metric)}")
     if check.keep:

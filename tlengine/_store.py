@@ -254,20 +254,21 @@ class Store:
         return array
 
     def get_or_make(self, kind: str, key: str, shape: tuple[int, ...], dtype: str, fill: Callable[[Any], None],
-                    extras: Sequence[tuple[str, tuple[int, ...], str]] = ()) -> Any:
+                    extras: Sequence[tuple[str, tuple[int, ...], str]] = (), *, count: bool = True) -> Any:
         """The array of ``key``, made with ``fill(array)`` when missing; ``None`` if it cannot fit under the cap.
 
         ``fill`` writes into a temporary :class:`NpyFile` that is renamed into
         place once full, so readers never see a partial file. ``extras`` are more
         ``(key, shape, dtype)`` files the same pass can fill for free: those missing that
         fit in the cap's free space (never evicting for them) are made too, and ``fill``
-        then gets ``(array, {key: array})``.
+        then gets ``(array, {key: array})``. ``count``: ``False`` leaves the use out of :attr:`hits`,
+        :attr:`misses` and :attr:`made_extra` (the checks made before the first trial).
         """
         array = self.get(kind, key)
         if array is not None and array.shape == tuple(shape):
-            self.hits[kind] = self.hits.get(kind, 0) + 1
+            self.hits[kind] = self.hits.get(kind, 0) + count
             return array
-        self.misses[kind] = self.misses.get(kind, 0) + 1
+        self.misses[kind] = self.misses.get(kind, 0) + count
         nbytes = _nbytes(shape, dtype)
         if nbytes > self.cap_bytes:
             return None
@@ -294,7 +295,7 @@ class Store:
         finally:
             for _, tmp in files.values():
                 tmp.unlink(missing_ok=True)
-        self.made_extra[kind] = self.made_extra.get(kind, 0) + len(kept) - 1
+        self.made_extra[kind] = self.made_extra.get(kind, 0) + (len(kept) - 1) * count
         return self.get(kind, key)
 
     def files(self) -> list[tuple[float, int, Path]]:
