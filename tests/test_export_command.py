@@ -82,11 +82,11 @@ def test_export_scores_with_the_study_metric(task: str, metric: str, tiny_folder
 
     data = str(write_brightness_csv(tmp_path)) if task == "regression" else str(tiny_folder)
     result = run_cli("search", "--data", data, "--task", task, "--metric", metric, "--backbone", TINY_BACKBONE, "--weights", "none",
-                     "--trials", "2", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "runs"), "--study-name", "m", "--json")
+                     "--trials", "3", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "runs"), "--study-name", "m", "--json")
     assert result.returncode == 0, result.stderr
-    fine_tune = json.loads(result.stdout)["trials"][1]  # trained on decoded images, as the export evaluates it
+    fine_tune = json.loads(result.stdout)["trials"][2]  # trained on decoded images, as the export evaluates it
     assert fine_tune["recipe"] == "full fine-tune" and fine_tune["state"] == "complete"
-    result = run_cli("export", "--storage", storage(tmp_path / "runs" / "m"), "--study-name", "m", "--trial", "1", "--json")
+    result = run_cli("export", "--storage", storage(tmp_path / "runs" / "m"), "--study-name", "m", "--trial", "2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["metric"] == metric

@@ -88,14 +88,14 @@ def test_search_measures_the_range_once_and_a_fixed_lr_skips_it(tmp_path: Path, 
 
     common = dict(data=tiny_folder, backbone=TINY_BACKBONE, epochs=1, weights="none", image_size=32, out=tmp_path,
                   cache_dir=tmp_path / "cache", quiet=True)
-    result = tlengine.search(trials=2, study_name="l", **common)
+    result = tlengine.search(trials=3, study_name="l", **common)
     test = result.record.lr_test
     assert test is not None and len(test["lrs"]) == len(test["losses"]) > 5
     assert (result.record.space["lr"]["low"], result.record.space["lr"]["high"]) == (test["low"], test["high"])
     study = optuna.load_study(study_name="l", storage=f"sqlite:///{tmp_path / 'l' / 'study.db'}")
     full = next(t for t in study.trials if t.user_attrs.get("recipe") == "full fine-tune")
     assert full.params["lr"] == pytest.approx(test["suggested"])
-    resumed = tlengine.search(trials=3, study_name="l", **common)  # the same options: the stored decisions, not new ones
+    resumed = tlengine.search(trials=4, study_name="l", **common)  # the same options: the stored decisions, not new ones
     assert resumed.record.lr_test == test and resumed.record.space["lr"] == result.record.space["lr"]
     fixed = tlengine.search(trials=1, study_name="f", param={"lr": 1e-3}, **common)
     assert fixed.record.lr_test is None and fixed.record.space["lr"]["value"] == 1e-3

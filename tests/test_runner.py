@@ -36,8 +36,9 @@ def source_for(setup: Any, cache: bool, cache_dir: Path) -> Any:
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "plain"])
 def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path) -> None:
-    """One call per trial: the linear probe (solved exactly, one result), then full fine-tuning (its epochs); each leaves
-    a checkpoint, its values and history, and the caches serve the probe when they are on (the runner never asks)."""
+    """One call per trial: the linear probe (solved exactly, one result), then the top half (its epochs); each leaves
+    a checkpoint, its values and history, and the caches serve both when they are on (the probe its pooled features,
+    the top half the features after its frozen stages; the runner never asks)."""
     from rich.console import Console
 
     from tlengine._runner import TrialRunner
@@ -48,13 +49,13 @@ def test_runner_runs_the_recipes(cache: bool, tiny_folder: Path, tmp_path: Path)
     study.optimize(runner, n_trials=2)
     trials = [t for t in study.trials if t.state.name != "WAITING"]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and runner.running == 1
-    assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["top half"]
-    assert [t.user_attrs["values"]["freeze_depth"] for t in trials] == [setup.record.stages, 0]
+    assert [t.user_attrs["recipe"] for t in study.trials if t.state.name == "WAITING"] == ["full fine-tune"]
+    assert [t.user_attrs["values"]["freeze_depth"] for t in trials] == [setup.record.stages, setup.record.stages // 2]
     for t, epochs in zip(trials, (1, 2)):
         assert Path(t.user_attrs["checkpoint"]).is_file() and not Path(t.user_attrs.get("epoch_checkpoint", "none")).exists()
         assert len(t.user_attrs["history"]) == epochs and t.value == t.user_attrs["history"][-1]["score"]
     assert trials[0].user_attrs["probe"]["features"] == ("cached" if cache else "computed") and "probe" not in trials[1].user_attrs
-    assert (source.caches is not None and source.caches.trials_on_features == 1) == cache
+    assert (source.caches is not None and source.caches.trials_on_features == 2) == cache
 
 
 def test_runner_gives_back_a_surplus_trial(tiny_folder: Path, tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_a_trial_samples_only_what_its_augmentation_policy_uses(tiny_folder: Pat
 
 
 def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LP-FT: the full fine-tune recipe's linear head starts as the exact linear probe's solution (the probe
+    """LP-FT: the fine-tuning recipes' linear heads start as the exact linear probe's solution (the probe
     trial's saved head, bit for bit), solved once; with ``head_init = "random"`` (the default) it starts from timm's init."""
     import torch
     from rich.console import Console
@@ -167,8 +168,8 @@ def test_a_fine_tuned_trial_starts_from_the_exact_probe_head(tiny_folder: Path, 
     setup, study = setup_and_study(tiny_folder, tmp_path / "runs", trials=3, param={"head_init": "probe"})
     runner = TrialRunner(setup, study, source_for(setup, True, tmp_path / "cache"), console=Console(quiet=True))
     study.optimize(runner, n_trials=3)
-    probe, full, head_first = study.trials[:3]
-    assert [t.user_attrs["values"]["head_init"] for t in (full, head_first)] == ["probe", "probe"] and len(starts) == 2
+    probe, half, full = study.trials[:3]
+    assert [t.user_attrs["values"]["head_init"] for t in (half, full)] == ["probe", "probe"] and len(starts) == 2
     saved = load_file(probe.user_attrs["checkpoint"])
     for start in starts:
         assert torch.equal(start["weight"], saved["head.weight"]) and torch.equal(start["bias"], saved["head.bias"])

@@ -19,10 +19,10 @@ def test_outputs_written(tiny_run: Path) -> None:
     assert len(summary["trials"]) == 2
     assert summary["best"]["number"] in {t["number"] for t in summary["trials"] if t["state"] == "complete"}
     assert summary["parity"]["max_abs_diff"] < 1e-4
-    # the opening trials are the enqueued recipes: linear probe first, then full fine-tuning
+    # the opening trials are the enqueued recipes: linear probe first, then the top half
     stages = summary["config"]["stages"]
-    assert [t["params"]["freeze_depth"] for t in summary["trials"]] == [stages, 0]
-    assert [t["recipe"] for t in summary["trials"]] == ["linear probe", "full fine-tune"]
+    assert [t["params"]["freeze_depth"] for t in summary["trials"]] == [stages, stages // 2]
+    assert [t["recipe"] for t in summary["trials"]] == ["linear probe", "top half"]
 
 
 def test_trials_differ_in_depth_and_lr(tmp_path: Path, tiny_folder: Path) -> None:

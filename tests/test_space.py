@@ -193,24 +193,26 @@ def test_linear_probe_trial_keeps_backbone_bit_identical(tiny_folder: Path, tmp_
     probe = load_file(str(tmp_path / "p" / "trials" / "0.safetensors"))
     for key, value in reference.items():
         assert torch.equal(probe[f"backbone.{key}"], value), key
-    full = load_file(str(tmp_path / "p" / "trials" / "1.safetensors"))
-    assert not torch.equal(full["backbone.conv_stem.weight"], reference["conv_stem.weight"])
+    half = load_file(str(tmp_path / "p" / "trials" / "1.safetensors"))  # the top half: the stem frozen, the last stage trained
+    assert summary["trials"][1]["recipe"] == "top half"
+    assert torch.equal(half["backbone.conv_stem.weight"], reference["conv_stem.weight"])
+    assert not torch.equal(half["backbone.conv_head.weight"], reference["conv_head.weight"])
 
 
 def test_recipes_run_first_in_order(tiny_folder: Path, tmp_path: Path) -> None:
     summary = run(["search", "--data", str(tiny_folder), *TINY, "--trials", "4", "--epochs", "3", "--out", str(tmp_path),
                    "--study-name", "r", "--pruner", "none"])
     trials = summary["trials"]
-    assert [t["recipe"] for t in trials] == ["linear probe", "full fine-tune", "top half", None]
-    top_half, stages = trials[2], summary["config"]["stages"]
+    assert [t["recipe"] for t in trials] == ["linear probe", "top half", "full fine-tune", None]
+    top_half, stages = trials[1], summary["config"]["stages"]
     assert top_half["params"]["freeze_depth"] == stages // 2 > 0 and top_half["params"]["layer_decay"] == 1.0
     assert top_half["values"]["head_epochs"] == 0
-    # the rates come from the range test before the first trial: its suggestion, and ten times it for the probe
+    # the rates come from the range test before the first trial: its suggestion, ten times it for the probe, three for the top half
     lr_test, lr = summary["config"]["lr_test"], summary["config"]["space"]["lr"]
     assert lr_test["low"] == lr["low"] and lr_test["high"] == lr["high"] and lr["low"] < lr_test["suggested"] < lr["high"]
-    assert trials[1]["params"]["lr"] == pytest.approx(lr_test["suggested"])
+    assert trials[2]["params"]["lr"] == pytest.approx(lr_test["suggested"])
     assert trials[0]["params"]["lr"] == pytest.approx(min(lr["high"], 10 * lr_test["suggested"]))
-    assert trials[2]["params"]["lr"] == pytest.approx(min(lr["high"], 3 * lr_test["suggested"]))
+    assert trials[1]["params"]["lr"] == pytest.approx(min(lr["high"], 3 * lr_test["suggested"]))
 
 
 def test_grid_sweeps_every_freeze_depth(tiny_folder: Path, tmp_path: Path) -> None:
